@@ -1,0 +1,121 @@
+"""Position and channel attention (DANet, Fu et al., CVPR 2019), NCHW.
+
+The official code (``encoding/nn/da_att.py``) is reproduced exactly,
+including the parts that look like mistakes but define the model: no
+``1/sqrt(d)`` in PAM, and CAM's ``max(E) - E`` before the softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ._checks import check_input, check_positive_int
+from .fused import position_attention_core, resolve_fused
+
+__all__ = ["PositionAttention", "ChannelAttention", "PAM_Module", "CAM_Module"]
+
+
+class PositionAttention(nn.Module):
+    """Position attention module (PAM), the official ``PAM_Module``.
+
+    ``energy = Q^T K`` over all ``N = H * W`` positions (no ``1/sqrt(d)``
+    scaling), ``attention = softmax(energy, dim=-1)``, ``out = V attention^T``,
+    ``y = gamma * out + x`` with ``gamma`` initialised to zero.
+
+    Args:
+        in_channels: Channels ``C`` of the input.
+        reduction: Query/key channels are ``C // reduction`` (8 upstream).
+        fused: ``None`` (automatic), ``True`` or ``False``. The fused path
+            computes the same function without the ``N x N`` matrix (see
+            :mod:`danet_torch.fused`); ``False`` is the official
+            ``bmm`` + softmax path, always used while exporting.
+
+    Shape:
+        ``(B, C, H, W)`` -> ``(B, C, H, W)``.
+    """
+
+    def __init__(self, in_channels: int, reduction: int = 8, fused: bool | None = None):
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("reduction", reduction)
+        if in_channels // reduction == 0:
+            raise ValueError(
+                f"`in_channels // reduction` must be >= 1 (query/key channels), got "
+                f"in_channels={in_channels}, reduction={reduction}; use in_channels >= reduction.")
+        if fused not in (None, True, False):
+            raise ValueError(f"`fused` must be None (automatic), True or False, got {fused!r}.")
+        self.in_channels = in_channels
+        self.reduction = reduction
+        self.fused = fused
+        key_channels = in_channels // reduction
+        self.query_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
+        self.key_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
+        self.value_conv = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_channels, type(self).__name__)
+        b, c, h, w = x.shape
+        q = self.query_conv(x).flatten(2)  # (B, C', N)
+        k = self.key_conv(x).flatten(2)  # (B, C', N)
+        v = self.value_conv(x).flatten(2)  # (B, C, N)
+        out = position_attention_core(q, k, v, fused=resolve_fused(self.fused, q, v))
+        # gamma is float32 under autocast; keep the input's dtype like CAM does.
+        return (self.gamma * out.view(b, c, h, w) + x).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, reduction={self.reduction}, fused={self.fused}"
+
+
+class ChannelAttention(nn.Module):
+    """Channel attention module (CAM), the official ``CAM_Module``.
+
+    ``energy = X X^T`` (``C x C``), ``energy_new = max(energy, -1) - energy``,
+    ``attention = softmax(energy_new, -1)``, ``y = gamma * (attention X) + x``.
+
+    Softmax is shift-invariant, so ``softmax(max(E) - E) == softmax(-E)``:
+    the module gives *more* weight to *less* similar channels. This is what
+    the official code and the released weights do (upstream issues 9, 15,
+    48, 106 ask about it); we keep it on purpose, it is not a stability
+    trick to "fix".
+
+    Under ``torch.autocast`` (or with half-precision inputs) the energy, a sum
+    over ``N`` products that passes float16's 65504 easily, is computed in
+    float32, and the result is cast back to the input's dtype.
+
+    Args:
+        in_channels: Optional; when given, inputs are checked against it.
+            CAM has no weights but ``gamma``.
+
+    Shape:
+        ``(B, C, H, W)`` -> ``(B, C, H, W)``.
+    """
+
+    def __init__(self, in_channels: int | None = None):
+        super().__init__()
+        if in_channels is not None:
+            check_positive_int("in_channels", in_channels)
+        self.in_channels = in_channels
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_channels, type(self).__name__)
+        b, c, h, w = x.shape
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.reshape(b, c, h * w).to(compute_dtype)
+            energy = torch.bmm(xf, xf.transpose(1, 2))
+            energy_new = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy
+            attention = torch.softmax(energy_new, dim=-1)
+            out = torch.bmm(attention, xf).view(b, c, h, w)
+            y = self.gamma.to(compute_dtype) * out + x.to(compute_dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}"
+
+
+# Official names, so code ported from upstream keeps working.
+PAM_Module = PositionAttention
+CAM_Module = ChannelAttention

@@ -1,0 +1,64 @@
+"""DANet (Fu et al., CVPR 2019): dilated ResNet + ``DANetHead``, three outputs at input size."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._checks import check_input, check_positive_int
+from .backbone import DilatedResNet
+from .head import DANetHead
+
+__all__ = ["DANet", "danet_loss"]
+
+BACKBONES = {"resnet50": 50, "resnet101": 101}
+
+
+class DANet(nn.Module):
+    """DANet with the official attribute names (``pretrained``, ``head``).
+
+    The defaults reproduce the released Cityscapes checkpoint's architecture:
+    ResNet-101, output stride 8, 7x7 stem, layer4 multi-grid dilations
+    (4, 8, 16). Inputs are ImageNet-normalised RGB; normalisation happens
+    outside the model, as upstream.
+
+    Args:
+        num_classes: Classes (19 for Cityscapes).
+        backbone: ``"resnet50"`` or ``"resnet101"``.
+        output_stride: 8 or 16 (32: plain ResNet).
+        deep_stem: Three 3x3 stem convs (mmseg's ResNetV1c) instead of 7x7.
+        multi_grid: layer4 dilations, or ``None`` for the plain dilated rule.
+        norm_layer: Normalisation constructor.
+        dropout: Dropout2d rate before each classifier.
+        fused: PAM's path (see :class:`~danet_torch.PositionAttention`).
+
+    Returns:
+        ``(fused, pam, cam)`` logits, each ``(B, num_classes, H, W)`` at the
+        input size, upsampled bilinearly with ``align_corners=True``.
+    """
+
+    def __init__(self, num_classes: int, backbone: str = "resnet101", output_stride: int = 8,
+                 deep_stem: bool = False, multi_grid: Sequence[int] | None = (4, 8, 16),
+                 norm_layer=nn.BatchNorm2d, dropout: float = 0.1, fused: bool | None = None):
+        super().__init__()
+        check_positive_int("num_classes", num_classes)
+        if backbone not in BACKBONES:
+            raise ValueError(f"`backbone` must be one of {sorted(BACKBONES)}, got {backbone!r}.")
+        self.num_classes, self.backbone = num_classes, backbone
+        self.pretrained = DilatedResNet(BACKBONES[backbone], output_stride=output_stride, deep_stem=deep_stem,
+                                        multi_grid=multi_grid, norm_layer=norm_layer)
+        self.head = DANetHead(2048, num_classes, norm_layer=norm_layer, dropout=dropout, fused=fused)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_input(x, 3, type(self).__name__)
+        size = x.shape[-2:]
+        c4 = self.pretrained(x)[-1]
+        return tuple(F.interpolate(y, size=size, mode="bilinear", align_corners=True) for y in self.head(c4))
+
+
+def danet_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """Upstream's training loss: the sum of three equally weighted cross-entropies."""
+    return sum(F.cross_entropy(o, target, ignore_index=ignore_index) for o in outputs)

@@ -1,0 +1,102 @@
+"""The one tolerance table of the project.
+
+Every test, the ``danet-parity`` CLI, ``danet-convert --verify`` and the README
+take their tolerances from here. A comparison passes when, element-wise,
+``|actual - expected| <= atol + rtol * |expected|`` (NumPy's ``allclose``
+rule) and the NaN masks are equal.
+
+Scopes:
+    ``layer``: one attention layer (PAM, CAM, DualAttention, DANetHead).
+    ``model``: a whole DANet (a deep backbone accumulates rounding).
+    ``grad``: gradients of a scalar loss (sums over many products).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Tolerance", "TOLERANCES", "tolerance", "compare", "Comparison", "table_markdown"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+
+
+# (dtype, scope) -> Tolerance. float32 against float64 or across frameworks;
+# float16/bfloat16 against the float64 reference (compute-dtype rounding).
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("float64", "layer"): Tolerance(atol=1e-10, rtol=1e-9),
+    ("float64", "model"): Tolerance(atol=1e-9, rtol=1e-8),
+    ("float64", "grad"): Tolerance(atol=1e-9, rtol=1e-8),
+    ("float32", "layer"): Tolerance(atol=1e-5, rtol=1e-4),
+    ("float32", "model"): Tolerance(atol=1e-4, rtol=1e-3),
+    ("float32", "grad"): Tolerance(atol=1e-4, rtol=1e-3),
+    ("float16", "layer"): Tolerance(atol=2e-2, rtol=2e-2),
+    ("float16", "model"): Tolerance(atol=1e-1, rtol=5e-2),
+    ("float16", "grad"): Tolerance(atol=1e-1, rtol=5e-2),
+    ("bfloat16", "layer"): Tolerance(atol=1e-1, rtol=5e-2),
+    ("bfloat16", "model"): Tolerance(atol=3e-1, rtol=1e-1),
+    ("bfloat16", "grad"): Tolerance(atol=3e-1, rtol=1e-1),
+}
+
+
+def tolerance(dtype: str, scope: str = "layer") -> Tolerance:
+    """Look up the tolerance for ``dtype`` (a name such as ``"float32"``) and ``scope``."""
+    key = (str(dtype).replace("torch.", ""), scope)
+    if key not in TOLERANCES:
+        accepted = sorted({d for d, _ in TOLERANCES}), sorted({s for _, s in TOLERANCES})
+        raise ValueError(
+            f"No tolerance for `dtype`={dtype!r}, `scope`={scope!r}; "
+            f"accepted dtypes {accepted[0]}, scopes {accepted[1]}.")
+    return TOLERANCES[key]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Outcome of comparing one output: the numbers a failure message needs."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    tol: Tolerance
+    passed: bool
+    nan_mismatch: bool = False
+
+    def message(self) -> str:
+        status = "PASS" if self.passed else "FAIL"
+        nan = " (NaN masks differ)" if self.nan_mismatch else ""
+        return (f"{self.name}: {status}{nan} max|diff|={self.max_abs:.3e} "
+                f"max rel={self.max_rel:.3e} tolerance atol={self.tol.atol:g} rtol={self.tol.rtol:g}")
+
+
+def compare(name: str, actual, expected, tol: Tolerance) -> Comparison:
+    """Compare two arrays (any framework's, converted to NumPy float64) under ``tol``."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        raise ValueError(f"{name}: shape {a.shape} differs from the expected {e.shape}")
+    nan_a, nan_e = np.isnan(a), np.isnan(e)
+    nan_mismatch = bool((nan_a != nan_e).any())
+    both = ~(nan_a | nan_e)
+    diff = np.abs(a[both] - e[both])
+    # inf == inf counts as equal; inf against a finite number is an infinite error.
+    same_inf = np.isinf(a[both]) & (a[both] == e[both])
+    diff = np.where(same_inf, 0.0, diff)
+    scale = np.abs(e[both])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), np.where(diff > 0, np.inf, 0.0))
+    max_rel = float(rel.max()) if rel.size else 0.0
+    ok = bool(np.all(diff <= tol.atol + tol.rtol * np.where(np.isinf(scale), 0, scale))) and not nan_mismatch
+    return Comparison(name, max_abs, max_rel, tol, ok, nan_mismatch)
+
+
+def table_markdown() -> str:
+    """The table as Markdown, for the README and ``danet-parity --tolerances``."""
+    rows = ["| dtype | scope | atol | rtol |", "|---|---|---|---|"]
+    rows += [f"| {d} | {s} | {t.atol:g} | {t.rtol:g} |" for (d, s), t in TOLERANCES.items()]
+    return "\n".join(rows)

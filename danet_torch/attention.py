@@ -62,7 +62,7 @@ class PositionAttention(nn.Module):
         v = self.value_conv(x).flatten(2)  # (B, C, N)
         out = position_attention_core(q, k, v, fused=resolve_fused(self.fused, q, v))
         # gamma is float32 under autocast; keep the input's dtype like CAM does.
-        return (self.gamma * out.view(b, c, h, w) + x).to(x.dtype)
+        return (self.gamma * out.reshape(b, c, h, w) + x).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, reduction={self.reduction}, fused={self.fused}"

@@ -9,6 +9,13 @@ Scopes:
     ``layer``: one attention layer (PAM, CAM, DualAttention, DANetHead).
     ``model``: a whole DANet (a deep backbone accumulates rounding).
     ``grad``: gradients of a scalar loss (sums over many products).
+
+Why float32 ``layer`` allows 1e-4: neither PAM nor CAM scales its energy
+(the official math), so the energies are unscaled sums over C/8 or N
+products. At 45x45 (N = 2025) CAM's energies reach ~2e3, float32 rounds
+them by ~1e-4, and the softmax carries that into the output: 4.7e-5 was
+measured against float64 there. The table states what float32 can give,
+and the tests use random, non-zero-gamma inputs at such sizes.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("float64", "layer"): Tolerance(atol=1e-10, rtol=1e-9),
     ("float64", "model"): Tolerance(atol=1e-9, rtol=1e-8),
     ("float64", "grad"): Tolerance(atol=1e-9, rtol=1e-8),
-    ("float32", "layer"): Tolerance(atol=1e-5, rtol=1e-4),
+    ("float32", "layer"): Tolerance(atol=1e-4, rtol=1e-4),
     ("float32", "model"): Tolerance(atol=1e-4, rtol=1e-3),
     ("float32", "grad"): Tolerance(atol=1e-4, rtol=1e-3),
     ("float16", "layer"): Tolerance(atol=2e-2, rtol=2e-2),

@@ -1,0 +1,23 @@
+# `make demo`: set up .venv and run the main job. `make test`: set up .venv and run the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup bench docs clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/danet-demo
+
+test: $(STAMP)
+	$(PY) -m parity_tests.run_suite
+
+clean:
+	rm -rf $(VENV) build *.egg-info

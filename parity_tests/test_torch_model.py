@@ -1,0 +1,98 @@
+"""danet_torch.model and backbone: official layout, parameter counts, dilations, output sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from danet_torch import DANet, DilatedResNet, danet_loss
+from parity_tests import reference as ref
+from parity_tests._torch_utils import randomize_, to_numpy
+from parity_tests.official_keys import danet_keys
+from parity_tests.tolerances import compare, tolerance
+
+
+@pytest.mark.parametrize("backbone, depth, n_keys, n_params", [
+    ("resnet101", 101, 662, 66_454_779),
+    ("resnet50", 50, 356, 47_462_651),
+])
+def test_state_dict_is_upstreams(backbone, depth, n_keys, n_params):
+    model = DANet(19, backbone=backbone)
+    got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert len(got) == n_keys
+    assert sorted(got) == sorted(danet_keys(19, depth))
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert not any(k.startswith("pretrained.fc") for k, _ in got)
+
+
+def test_deep_stem_keys():
+    model = DANet(7, backbone="resnet50", deep_stem=True)
+    got = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    assert got == sorted(danet_keys(7, 50, deep_stem=True))
+
+
+def _conv2_dilations(layer):
+    return [(b.conv2.stride[0], b.conv2.dilation[0], b.conv2.padding[0]) for b in layer]
+
+
+def test_dilations_follow_the_official_rules():
+    net = DilatedResNet(101, output_stride=8, multi_grid=(4, 8, 16))
+    assert _conv2_dilations(net.layer3) == [(1, 1, 1)] + [(1, 2, 2)] * 22
+    assert _conv2_dilations(net.layer4) == [(1, 4, 4), (1, 8, 8), (1, 16, 16)]
+    net = DilatedResNet(50, output_stride=8, multi_grid=None)
+    assert _conv2_dilations(net.layer4) == [(1, 2, 2), (1, 4, 4), (1, 4, 4)]
+    net = DilatedResNet(50, output_stride=16, multi_grid=None)
+    assert _conv2_dilations(net.layer3)[0] == (2, 1, 1)
+    assert _conv2_dilations(net.layer4) == [(1, 1, 1), (1, 2, 2), (1, 2, 2)]
+
+
+@pytest.mark.parametrize("output_stride, size, feat", [(8, (65, 65), (9, 9)), (16, (97, 129), (7, 9))])
+def test_backbone_output_stride(output_stride, size, feat):
+    net = DilatedResNet(50, output_stride=output_stride).eval()
+    with torch.no_grad():
+        c4 = net(torch.randn(1, 3, *size))[-1]
+    assert c4.shape == (1, 2048, *feat)
+
+
+@pytest.mark.parametrize("backbone, size", [("resnet101", (65, 65)), ("resnet50", (97, 129))])
+def test_outputs_are_head_logits_upsampled_with_align_corners(backbone, size):
+    model = randomize_(DANet(4, backbone=backbone), seed=5).eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        outputs = model(x)
+        head_out = model.head(model.pretrained(x)[-1])
+    assert len(outputs) == 3
+    for name, got, small in zip(("fused", "pam", "cam"), outputs, head_out):
+        assert got.shape == (1, 4, *size)
+        expected = ref.resize_bilinear_align_corners(to_numpy(small), size)
+        result = compare(f"DANet {name}", to_numpy(got), expected, tolerance("float32"))
+        assert result.passed, result.message()
+
+
+def test_training_step_and_loss():
+    model = DANet(3, backbone="resnet50", output_stride=16, multi_grid=None)
+    x = torch.randn(2, 3, 33, 33)
+    target = torch.randint(0, 3, (2, 33, 33))
+    outputs = model(x)
+    loss = danet_loss(outputs, target)
+    expected = sum(torch.nn.functional.cross_entropy(o, target) for o in outputs)
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert model.head.sa.gamma.grad.abs().item() > 0
+    assert model.pretrained.conv1.weight.grad.abs().sum().item() > 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_classes=0), r"`num_classes` must be an int >= 1, got 0"),
+    (dict(num_classes=3, backbone="resnet18"), r"`backbone` must be one of \['resnet101', 'resnet50'\], got 'resnet18'"),
+    (dict(num_classes=3, output_stride=4), r"`output_stride` must be 8, 16 or 32, got 4"),
+    (dict(num_classes=3, multi_grid=(1, 2)), r"`multi_grid` must give one dilation >= 1 per layer4 block \(3\)"),
+])
+def test_bad_model_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DANet(**kwargs)
+
+
+def test_model_rejects_non_rgb_input():
+    with pytest.raises(ValueError, match=r"DANet: `x` has 1 channels .* in_channels=3"):
+        DANet(3, backbone="resnet50")(torch.zeros(1, 1, 16, 16))

@@ -8,7 +8,15 @@ rule) and the NaN masks are equal.
 Scopes:
     ``layer``: one attention layer (PAM, CAM, DualAttention, DANetHead).
     ``model``: a whole DANet (a deep backbone accumulates rounding).
-    ``grad``: gradients of a scalar loss (sums over many products).
+    ``grad``: gradients of a scalar loss, relative to the tensor's largest
+    magnitude. Float32 gradients of a whole DANet in training mode are
+    ill-conditioned: torch float32 against torch float64 differs by 1.9 on an
+    input gradient of magnitude 218 (0.9%), measured at 65x65 with random
+    weights. So the suite proves DANet's gradients in float64 (both
+    frameworks, tight) and the attention layers' gradients in float32 too.
+    ``atol`` 1e-4 covers gradients that are zero in exact arithmetic: PAM's
+    key-conv bias cannot change a softmax over keys, so its gradient is pure
+    rounding noise (1.4e-5 measured) in both frameworks.
 
 Why float32 ``layer`` allows 1e-4: neither PAM nor CAM scales its energy
 (the official math), so the energies are unscaled sums over C/8 or N
@@ -29,8 +37,17 @@ __all__ = ["Tolerance", "TOLERANCES", "tolerance", "compare", "Comparison", "tab
 
 @dataclass(frozen=True)
 class Tolerance:
+    """``|actual - expected| <= atol + rtol * scale``.
+
+    ``relative_to="element"``: ``scale = |expected|`` element by element
+    (NumPy's ``allclose``). ``relative_to="tensor"``: ``scale = max |expected|``
+    over the whole tensor, for gradients, whose elements are sums of many
+    products that cancel to near zero while the tensor's scale is large.
+    """
+
     atol: float
     rtol: float
+    relative_to: str = "element"
 
 
 # (dtype, scope) -> Tolerance. float32 against float64 or across frameworks;
@@ -38,16 +55,16 @@ class Tolerance:
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("float64", "layer"): Tolerance(atol=1e-10, rtol=1e-9),
     ("float64", "model"): Tolerance(atol=1e-9, rtol=1e-8),
-    ("float64", "grad"): Tolerance(atol=1e-9, rtol=1e-8),
+    ("float64", "grad"): Tolerance(atol=1e-9, rtol=1e-9, relative_to="tensor"),
     ("float32", "layer"): Tolerance(atol=1e-4, rtol=1e-4),
     ("float32", "model"): Tolerance(atol=1e-4, rtol=1e-3),
-    ("float32", "grad"): Tolerance(atol=1e-4, rtol=1e-3),
+    ("float32", "grad"): Tolerance(atol=1e-4, rtol=1e-4, relative_to="tensor"),
     ("float16", "layer"): Tolerance(atol=2e-2, rtol=2e-2),
     ("float16", "model"): Tolerance(atol=1e-1, rtol=5e-2),
-    ("float16", "grad"): Tolerance(atol=1e-1, rtol=5e-2),
+    ("float16", "grad"): Tolerance(atol=1e-2, rtol=2e-2, relative_to="tensor"),
     ("bfloat16", "layer"): Tolerance(atol=1e-1, rtol=5e-2),
     ("bfloat16", "model"): Tolerance(atol=3e-1, rtol=1e-1),
-    ("bfloat16", "grad"): Tolerance(atol=3e-1, rtol=1e-1),
+    ("bfloat16", "grad"): Tolerance(atol=5e-2, rtol=1e-1, relative_to="tensor"),
 }
 
 
@@ -98,12 +115,17 @@ def compare(name: str, actual, expected, tol: Tolerance) -> Comparison:
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), np.where(diff > 0, np.inf, 0.0))
     max_rel = float(rel.max()) if rel.size else 0.0
-    ok = bool(np.all(diff <= tol.atol + tol.rtol * np.where(np.isinf(scale), 0, scale))) and not nan_mismatch
+    finite_scale = np.where(np.isinf(scale), 0, scale)
+    if tol.relative_to == "tensor":
+        finite_scale = np.full_like(finite_scale, finite_scale.max() if finite_scale.size else 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            max_rel = float(max_abs / finite_scale.max()) if finite_scale.size and finite_scale.max() > 0 else max_rel
+    ok = bool(np.all(diff <= tol.atol + tol.rtol * finite_scale)) and not nan_mismatch
     return Comparison(name, max_abs, max_rel, tol, ok, nan_mismatch)
 
 
 def table_markdown() -> str:
     """The table as Markdown, for the README and ``danet-parity --tolerances``."""
-    rows = ["| dtype | scope | atol | rtol |", "|---|---|---|---|"]
-    rows += [f"| {d} | {s} | {t.atol:g} | {t.rtol:g} |" for (d, s), t in TOLERANCES.items()]
+    rows = ["| dtype | scope | atol | rtol | rtol relative to |", "|---|---|---|---|---|"]
+    rows += [f"| {d} | {s} | {t.atol:g} | {t.rtol:g} | {t.relative_to} |" for (d, s), t in TOLERANCES.items()]
     return "\n".join(rows)

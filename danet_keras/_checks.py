@@ -1,0 +1,44 @@
+"""Argument and input-shape checks shared by the Keras layers: clear ``ValueError``s."""
+
+from __future__ import annotations
+
+__all__ = ["check_positive_int", "check_fused", "check_shape", "standardize_data_format"]
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    return value
+
+
+def check_fused(fused):
+    if fused not in (None, True, False):
+        raise ValueError(f"`fused` must be None (automatic), True or False, got {fused!r}.")
+    return fused
+
+
+def check_shape(layer: str, shape, data_format: str, channels: int | None = None) -> int:
+    """Check a 4-D input shape; return its channel count (raise ``ValueError`` otherwise)."""
+    shape = tuple(shape)
+    layout = "(B, C, H, W)" if data_format == "channels_first" else "(B, H, W, C)"
+    if len(shape) != 4:
+        raise ValueError(f"{layer}: `inputs` must be 4-D {layout} ({data_format}), got shape {shape}.")
+    c = shape[1] if data_format == "channels_first" else shape[3]
+    if c is None:
+        raise ValueError(f"{layer}: the channel dimension of `inputs` must be known, got shape {shape}.")
+    if channels is not None and c != channels:
+        raise ValueError(f"{layer}: `inputs` has {c} channels (shape {shape}), but the layer was built "
+                         f"for {channels} channels; pass inputs with {channels} channels.")
+    return int(c)
+
+
+def standardize_data_format(data_format) -> str:
+    """``None`` -> Keras' configured image data format; else check the value."""
+    import keras
+
+    if data_format is None:
+        return keras.config.image_data_format()
+    value = str(data_format).lower()
+    if value not in ("channels_last", "channels_first"):
+        raise ValueError(f"`data_format` must be 'channels_last' or 'channels_first', got {data_format!r}.")
+    return value

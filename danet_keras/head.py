@@ -1,0 +1,183 @@
+"""The DANet head as Keras 3 layers: the dual-attention trunk and the three classifiers."""
+
+from __future__ import annotations
+
+import keras
+
+from ._checks import check_fused, check_positive_int, check_shape, standardize_data_format
+from .attention import ChannelAttention, PositionAttention
+from .layers import BatchNorm, Conv2d, spatial_axes
+
+__all__ = ["DualAttention", "DANetHead", "conv_bn_relu"]
+
+
+def conv_bn_relu(filters: int, name: str, data_format: str, dtype) -> keras.Sequential:
+    """``Sequential(Conv2d 3x3 pad 1 no bias, BatchNorm, ReLU)``, items named ``0``, ``1``, ``2``."""
+    axis = spatial_axes(data_format)[2]
+    return keras.Sequential([
+        Conv2d(filters, 3, padding=1, use_bias=False, data_format=data_format, dtype=dtype, name="0"),
+        BatchNorm(axis=axis, dtype=dtype, name="1"),
+        keras.layers.ReLU(dtype=dtype, name="2"),
+    ], name=name)
+
+
+def _with_channels(shape, channels: int, data_format: str):
+    shape = list(shape)
+    shape[spatial_axes(data_format)[2]] = channels
+    return tuple(shape)
+
+
+@keras.saving.register_keras_serializable(package="danet")
+class DualAttention(keras.layers.Layer):
+    """DANet's attention trunk, a drop-in block (for example in a U-Net).
+
+    ``conv5a -> PAM (sa) -> conv51`` plus ``conv5c -> CAM (sc) -> conv52``.
+    With ``out_channels=None`` the output has the input's channels.
+
+    Args:
+        out_channels: Output channels (default: the input's ``C``).
+        inter_channels: Channels inside the attention (default ``C // 4``, as
+            the official head).
+        reduction: PAM's query/key reduction (8).
+        fused: PAM's path, see :class:`~danet_keras.PositionAttention`.
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        **kwargs: Layer arguments (``name``, ``dtype``, ...).
+
+    Shape:
+        ``(B, H, W, C)`` -> ``(B, H, W, out_channels)``.
+    """
+
+    def __init__(self, out_channels: int | None = None, inter_channels: int | None = None, reduction: int = 8,
+                 fused: bool | None = None, data_format=None, **kwargs):
+        super().__init__(**kwargs)
+        self.out_channels = None if out_channels is None else check_positive_int("out_channels", out_channels)
+        self.inter_channels = (None if inter_channels is None
+                               else check_positive_int("inter_channels", inter_channels))
+        self.reduction = check_positive_int("reduction", reduction)
+        self.fused = check_fused(fused)
+        self.data_format = standardize_data_format(data_format)
+        self.in_channels = None
+
+    def _check(self, shape):
+        return check_shape(type(self).__name__, shape, self.data_format, self.in_channels)
+
+    def _sizes(self, c: int) -> tuple[int, int]:
+        inter = self.inter_channels
+        if inter is None:
+            inter = c // 4
+            if inter < 1:
+                raise ValueError(f"{type(self).__name__}: `inputs` has {c} channels; the default "
+                                 f"`inter_channels` = C // 4 needs C >= 4; pass `inter_channels`.")
+        if inter // self.reduction < 1:
+            raise ValueError(f"{type(self).__name__}: `inter_channels`={inter} is too few for "
+                             f"`reduction`={self.reduction}; need inter_channels >= {self.reduction} "
+                             f"(inputs with >= {4 * self.reduction} channels by default).")
+        return inter, (c if self.out_channels is None else self.out_channels)
+
+    def build(self, input_shape):
+        c = self._check(input_shape)
+        inter, out = self._sizes(c)
+        self.in_channels = c
+        kw = dict(data_format=self.data_format, dtype=self.dtype_policy)
+        self.conv5a = conv_bn_relu(inter, "conv5a", **kw)
+        self.conv5c = conv_bn_relu(inter, "conv5c", **kw)
+        self.sa = PositionAttention(self.reduction, fused=self.fused, name="sa", **kw)
+        self.sc = ChannelAttention(name="sc", **kw)
+        self.conv51 = conv_bn_relu(out, "conv51", **kw)
+        self.conv52 = conv_bn_relu(out, "conv52", **kw)
+        inter_shape = _with_channels(input_shape, inter, self.data_format)
+        for layer, shape in ((self.conv5a, input_shape), (self.conv5c, input_shape), (self.sa, inter_shape),
+                             (self.sc, inter_shape), (self.conv51, inter_shape), (self.conv52, inter_shape)):
+            layer.build(shape)
+
+    def branches(self, inputs, training=None):
+        """``(sa_conv, sc_conv)``: the position and channel branches before the sum."""
+        self._check(inputs.shape)
+        sa_conv = self.conv51(self.sa(self.conv5a(inputs, training=training)), training=training)
+        sc_conv = self.conv52(self.sc(self.conv5c(inputs, training=training)), training=training)
+        return sa_conv, sc_conv
+
+    forward_branches = branches  # the danet_torch name
+
+    def call(self, inputs, training=None):
+        sa_conv, sc_conv = self.branches(inputs, training=training)
+        return sa_conv + sc_conv
+
+    def compute_output_shape(self, input_shape):
+        c = self._check(input_shape)
+        return _with_channels(input_shape, self._sizes(c)[1], self.data_format)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(out_channels=self.out_channels, inter_channels=self.inter_channels,
+                      reduction=self.reduction, fused=self.fused, data_format=self.data_format)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="danet")
+class DANetHead(DualAttention):
+    """The official ``DANetHead``: variable paths read like upstream's state_dict keys.
+
+    ``inter = C // 4`` (512 for ResNet's 2048); the trunk maps ``C -> inter``,
+    then ``conv6``/``conv7``/``conv8`` = ``Sequential(SpatialDropout2D,
+    Conv2d 1x1 with bias)``.
+
+    Args:
+        num_classes: Classes of the three classifiers.
+        reduction: PAM's query/key reduction (8).
+        dropout: ``SpatialDropout2D`` rate before each classifier (0.1).
+        fused: PAM's path, see :class:`~danet_keras.PositionAttention`.
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+
+    Returns:
+        ``(fused, pam, cam)`` logits, each ``(B, H, W, num_classes)``:
+        ``conv8(sa_conv + sc_conv)``, ``conv6(sa_conv)``, ``conv7(sc_conv)``.
+    """
+
+    def __init__(self, num_classes: int, reduction: int = 8, dropout: float = 0.1, fused: bool | None = None,
+                 data_format=None, **kwargs):
+        kwargs.pop("out_channels", None)
+        kwargs.pop("inter_channels", None)
+        super().__init__(reduction=reduction, fused=fused, data_format=data_format, **kwargs)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+        self.dropout = float(dropout)
+
+    def _sizes(self, c: int) -> tuple[int, int]:
+        if c < 4:
+            raise ValueError(f"DANetHead: `inputs` has {c} channels; need >= 4 (inter = C // 4).")
+        inter = c // 4
+        if inter // self.reduction < 1:
+            raise ValueError(f"DANetHead: `inputs` has {c} channels, too few for `reduction`={self.reduction}: "
+                             f"inter = C // 4 = {inter} < reduction; use >= {4 * self.reduction} channels.")
+        return inter, inter
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        inter = self.in_channels // 4
+        axis_f = self.data_format
+        for name in ("conv6", "conv7", "conv8"):
+            seq = keras.Sequential([
+                keras.layers.SpatialDropout2D(self.dropout, data_format=axis_f, dtype=self.dtype_policy, name="0"),
+                Conv2d(self.num_classes, 1, data_format=axis_f, dtype=self.dtype_policy, name="1"),
+            ], name=name)
+            seq.build(_with_channels(input_shape, inter, self.data_format))
+            setattr(self, name, seq)
+
+    def call(self, inputs, training=None):
+        sa_conv, sc_conv = self.branches(inputs, training=training)
+        return (self.conv8(sa_conv + sc_conv, training=training), self.conv6(sa_conv, training=training),
+                self.conv7(sc_conv, training=training))
+
+    def compute_output_shape(self, input_shape):
+        self._check(input_shape)
+        shape = _with_channels(input_shape, self.num_classes, self.data_format)
+        return shape, shape, shape
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("out_channels", "inter_channels"):
+            config.pop(key)
+        config.update(num_classes=self.num_classes, dropout=self.dropout)
+        return config

@@ -1,0 +1,95 @@
+"""DANet (Fu et al., CVPR 2019) as a Keras 3 model: dilated ResNet + ``DANetHead``, three outputs."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+from keras import ops
+
+from ._checks import check_positive_int, check_shape, standardize_data_format
+from .backbone import DilatedResNet
+from .head import DANetHead
+from .layers import resize_bilinear_align_corners, spatial_axes
+
+__all__ = ["DANet", "BACKBONES"]
+
+BACKBONES = {"resnet50": 50, "resnet101": 101}
+
+
+@keras.saving.register_keras_serializable(package="danet")
+class DANet(keras.Model):
+    """DANet with the official attribute names (``pretrained``, ``head``).
+
+    The defaults reproduce the released Cityscapes checkpoint's architecture:
+    ResNet-101, output stride 8, 7x7 stem, layer4 multi-grid dilations
+    (4, 8, 16). Inputs are ImageNet-normalised RGB; normalisation happens
+    outside the model, as upstream.
+
+    Args:
+        num_classes: Classes (19 for Cityscapes).
+        backbone: ``"resnet50"`` or ``"resnet101"``.
+        output_stride: 8 or 16 (32: plain ResNet).
+        deep_stem: Three 3x3 stem convs instead of the 7x7 conv.
+        multi_grid: layer4 dilations, or ``None`` for the plain dilated rule.
+        dropout: ``SpatialDropout2D`` rate before each classifier.
+        fused: PAM's path (see :class:`~danet_keras.PositionAttention`).
+        data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+
+    Returns:
+        ``(fused, pam, cam)`` logits, each ``(B, H, W, num_classes)`` at the
+        input size, upsampled bilinearly with ``align_corners=True``.
+    """
+
+    def __init__(self, num_classes: int, backbone: str = "resnet101", output_stride: int = 8,
+                 deep_stem: bool = False, multi_grid: Sequence[int] | None = (4, 8, 16), dropout: float = 0.1,
+                 fused: bool | None = None, data_format=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        if backbone not in BACKBONES:
+            raise ValueError(f"`backbone` must be one of {sorted(BACKBONES)}, got {backbone!r}.")
+        self.backbone, self.output_stride, self.deep_stem = backbone, output_stride, bool(deep_stem)
+        self.multi_grid = None if multi_grid is None else tuple(int(d) for d in multi_grid)
+        self.dropout, self.fused = float(dropout), fused
+        self.data_format = standardize_data_format(data_format)
+        self.pretrained = DilatedResNet(BACKBONES[backbone], output_stride=output_stride, deep_stem=deep_stem,
+                                        multi_grid=self.multi_grid, data_format=self.data_format,
+                                        dtype=self.dtype_policy, name="pretrained")
+        self.head = DANetHead(num_classes, dropout=dropout, fused=fused, data_format=self.data_format,
+                              dtype=self.dtype_policy, name="head")
+
+    def build(self, input_shape):
+        check_shape("DANet", input_shape, self.data_format)
+        self.pretrained.build(input_shape)
+        self.head.build(self.pretrained.compute_output_shape(input_shape)[-1])
+        self.built = True
+
+    def call(self, inputs, training=None):
+        check_shape("DANet", inputs.shape, self.data_format)
+        h_ax, w_ax, _ = spatial_axes(self.data_format)
+        shape = ops.shape(inputs)
+        size = (shape[h_ax], shape[w_ax])
+        c4 = self.pretrained(inputs, training=training)[-1]
+        return tuple(resize_bilinear_align_corners(y, size, self.data_format)
+                     for y in self.head(c4, training=training))
+
+    def compute_output_shape(self, input_shape):
+        check_shape("DANet", input_shape, self.data_format)
+        shape = list(input_shape)
+        shape[spatial_axes(self.data_format)[2]] = self.num_classes
+        return tuple(shape), tuple(shape), tuple(shape)
+
+    def get_config(self):
+        config = {"name": self.name, "trainable": self.trainable,
+                  "dtype": keras.saving.serialize_keras_object(self.dtype_policy)}
+        config.update(num_classes=self.num_classes, backbone=self.backbone, output_stride=self.output_stride,
+                      deep_stem=self.deep_stem, multi_grid=None if self.multi_grid is None else list(self.multi_grid),
+                      dropout=self.dropout, fused=self.fused, data_format=self.data_format)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("dtype"), dict):
+            config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
+        return cls(**config)

@@ -1,0 +1,155 @@
+"""Export ``danet_torch`` modules to ONNX with dynamic batch, height and width.
+
+The ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``,
+translated by ``onnxscript``) is tried first; if it fails, the legacy
+TorchScript exporter (``dynamo=False`` with ``dynamic_axes``) is used. PAM's
+fused path is off while exporting (:func:`danet_torch.fused.is_exporting`), so
+the graph holds the official ``bmm`` + softmax, valid at any size. DANet's
+final ``F.interpolate`` to the input size stays symbolic, so an ONNX file
+exported at one size runs at others.
+
+Usage::
+
+    from danet_torch.export import export_onnx
+    used = export_onnx(head, "head.onnx", torch.randn(2, 512, 33, 33))
+
+Not imported by ``import danet_torch``: import ``danet_torch.export``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["export_onnx", "output_names", "INPUT_NAME", "DYNAMIC_AXES"]
+
+INPUT_NAME = "input"
+# Axis names of the input; outputs keep batch/height/width (DANet: the input's height/width).
+DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
+MULTI_OUTPUT_NAMES = ("fused", "pam", "cam")
+LEGACY_OPSET = 17
+EXPORTERS = ("auto", "dynamo", "legacy")
+
+
+def output_names(module: torch.nn.Module) -> list[str]:
+    """``["fused", "pam", "cam"]`` for ``DANetHead``/``DANet`` (three outputs), else ``["output"]``."""
+    from .head import DANetHead
+    from .model import DANet
+
+    return list(MULTI_OUTPUT_NAMES) if isinstance(module, (DANetHead, DANet)) else ["output"]
+
+
+def _check_example(example_input, dynamic: bool) -> torch.Tensor:
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"`example_input` must be a torch.Tensor (B, C, H, W), got {type(example_input).__name__}.")
+    if example_input.dim() != 4 or not example_input.is_floating_point():
+        raise ValueError(f"`example_input` must be a 4-D floating tensor (B, C, H, W), got shape "
+                         f"{tuple(example_input.shape)} and dtype {example_input.dtype}.")
+    if dynamic and min(example_input.shape[2:]) < 2:
+        raise ValueError(f"`example_input` must have height and width >= 2 for a dynamic export (a size of 1 "
+                         f"is specialised by torch.export), got shape {tuple(example_input.shape)}.")
+    if dynamic and example_input.shape[0] == 1:  # batch 1 would be specialised: trace with batch 2
+        example_input = torch.cat([example_input, example_input])
+    return example_input
+
+
+def _export_dynamo(module, tmp: Path, x, dynamic, opset, names):
+    dim = torch.export.Dim.DYNAMIC
+    shapes = ({a: dim for a in DYNAMIC_AXES},) if dynamic else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+                                    input_names=[INPUT_NAME], output_names=names, external_data=False,
+                                    optimize=True, verbose=False)
+    program.save(str(tmp), external_data=False)
+
+
+def _export_legacy(module, tmp: Path, x, dynamic, opset, names):
+    axes = None
+    if dynamic:
+        axes = {INPUT_NAME: dict(DYNAMIC_AXES)}
+        axes.update({n: dict(DYNAMIC_AXES) for n in names})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(tmp), dynamo=False, opset_version=opset or LEGACY_OPSET,
+                          input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes,
+                          do_constant_folding=True)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(training)
+
+
+def export_onnx(module: torch.nn.Module, path, example_input: torch.Tensor, dynamic: bool = True,
+                opset: int | None = None, exporter: str = "auto") -> str:
+    """Write ``module`` as an ONNX file at ``path``, atomically; return the exporter used.
+
+    Args:
+        module: A ``danet_torch`` module (PAM, CAM, DualAttention, DANetHead,
+            DANet) or any module with one ``(B, C, H, W)`` input. Exported in
+            eval mode (BatchNorm running statistics, no dropout); its
+            training flag is restored afterwards.
+        path: Destination ``.onnx`` file. Written to a temporary file in the
+            same folder and renamed into place: never left half-written.
+        example_input: ``(B, C, H, W)`` tensor to trace with. With
+            ``dynamic``, batch 1 is traced as batch 2 (torch.export would
+            otherwise fix the batch to 1) and height/width must be >= 2.
+        dynamic: Batch, height and width dynamic (axes ``batch``, ``height``,
+            ``width``); otherwise the example's shape is fixed.
+        opset: ONNX opset (default: the exporter's; 17 for the legacy one).
+        exporter: ``"auto"`` (``torch.export``-based, legacy on failure),
+            ``"dynamo"`` or ``"legacy"``.
+
+    Returns:
+        ``"dynamo"`` or ``"legacy"``. The input is named ``"input"``; outputs
+        are ``"fused", "pam", "cam"`` for DANetHead/DANet, else ``"output"``.
+
+    Raises:
+        TypeError, ValueError: bad arguments. RuntimeError: both exporters failed
+        (the message holds both errors).
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"`exporter` must be one of {list(EXPORTERS)}, got {exporter!r}.")
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}.")
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        raise ValueError(f"`path` must end in .onnx, got {str(path)!r}.")
+    if not path.parent.is_dir():
+        raise ValueError(f"The folder of `path` {str(path)!r} does not exist.")
+    x = _check_example(example_input, dynamic)
+    names = output_names(module)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}.onnx"
+    order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
+    errors = []
+    try:
+        with _eval_mode(module), torch.no_grad():
+            for name in order:
+                try:
+                    (_export_dynamo if name == "dynamo" else _export_legacy)(module, tmp, x, dynamic, opset, names)
+                except Exception as e:  # the exporters raise many types; the next one may succeed
+                    errors.append(f"{name}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}")
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
+                    if name == "dynamo" and len(order) > 1:
+                        warnings.warn(f"torch.export-based ONNX export failed ({errors[-1]}); "
+                                      f"falling back to the legacy exporter.", RuntimeWarning, stacklevel=2)
+                    continue
+                os.replace(tmp, path)
+                return name
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    raise RuntimeError(f"ONNX export of {type(module).__name__} failed; nothing written to {str(path)!r}. "
+                       + "; ".join(errors))

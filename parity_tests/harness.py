@@ -1,0 +1,272 @@
+"""Build a PyTorch/Keras pair, convert, run both on the same input, compare: rows of numbers.
+
+The harness only *uses* the conversion path (``weights_convert``): it has no
+name map of its own. Inputs are NCHW for torch and the same array transposed
+to NHWC for Keras; Keras outputs are transposed back before comparing. All
+tolerances come from :mod:`parity_tests.tolerances`.
+
+This module imports Keras, so the backend is the one ``KERAS_BACKEND`` named
+when the process started (the CLI and the suite start one process per backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import keras
+import numpy as np
+import torch
+
+import weights_convert as wc
+from weights_convert.frameworks import build_torch
+from parity_tests import reference as ref
+from parity_tests._torch_utils import randomize_
+from parity_tests.keras_grad import keras_loss_and_grads
+from parity_tests.tolerances import compare, tolerance
+
+__all__ = ["Row", "COMPONENTS", "make_input", "make_pair", "keras_device", "forward_rows", "gradient_rows",
+           "reference_outputs", "run_component"]
+
+OUTPUT_NAMES = {"pam": ("out",), "cam": ("out",), "dual_attention": ("out",), "head": ("fused", "pam", "cam"),
+                "danet": ("fused", "pam", "cam")}
+
+# name -> (ArchSpec, default input size H, W)
+COMPONENTS = {
+    "pam": (wc.ArchSpec("pam", channels=16), (9, 11)),
+    "cam": (wc.ArchSpec("cam", channels=16), (9, 11)),
+    "dual_attention": (wc.ArchSpec("dual_attention", channels=32), (9, 11)),
+    "head": (wc.ArchSpec("head", channels=64, num_classes=5), (9, 11)),
+    "danet50": (wc.ArchSpec("danet", num_classes=5, backbone="resnet50"), (65, 65)),
+    "danet101": (wc.ArchSpec("danet", num_classes=5, backbone="resnet101"), (97, 129)),
+}
+
+
+@dataclass
+class Row:
+    component: str
+    output: str
+    backend: str
+    device: str
+    dtype: str
+    max_abs: float
+    max_rel: float
+    atol: float
+    rtol: float
+    passed: bool
+    against: str = "torch"
+
+    def message(self) -> str:
+        return (f"{self.component}/{self.output} [keras-{self.backend} vs {self.against}, {self.device}, "
+                f"{self.dtype}]: max|diff|={self.max_abs:.3e} max rel={self.max_rel:.3e} "
+                f"(atol={self.atol:g}, rtol={self.rtol:g}) {'PASS' if self.passed else 'FAIL'}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def keras_device() -> str:
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.devices()[0].platform
+    if backend == "torch":
+        from keras.src.backend.torch.core import get_device
+
+        return str(get_device())
+    return "cpu"
+
+
+def in_channels(spec) -> int:
+    return 3 if spec.arch == "danet" else spec.channels
+
+
+def make_input(spec, size, batch: int = 2, seed: int = 0) -> np.ndarray:
+    """A seeded NCHW float64 input for ``spec``."""
+    return np.random.default_rng(seed).standard_normal((batch, in_channels(spec), *size))
+
+
+def nhwc(a):
+    return np.ascontiguousarray(np.moveaxis(a, 1, -1))
+
+
+def nchw(a):
+    return np.moveaxis(np.asarray(a), -1, 1)
+
+
+def _disable_dropout(torch_model, keras_model):
+    """Dropout's random masks cannot match across frameworks: turn it off in both."""
+    for m in torch_model.modules():
+        if isinstance(m, torch.nn.Dropout2d):
+            m.p = 0.0
+    for layer in keras_model._flatten_layers():
+        if isinstance(layer, keras.layers.SpatialDropout2D):
+            layer.rate = 0.0
+
+
+# Full float32 matmuls on GPUs (no TF32), as the comparison assumes.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+if keras.backend.backend() == "jax":
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # float64 parity needs 64-bit JAX arrays
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@contextlib.contextmanager
+def keras_policy(dtype: str):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype if dtype in ("float32", "float64") else f"mixed_{dtype}")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def make_pair(spec, seed: int = 0, device: str = "cpu", dtype: str = "float32", neutral=None,
+              keras_neutral=None):
+    """``(torch_model, keras_model)`` holding the same weights.
+
+    Without ``neutral`` the torch model gets random weights, non-zero gammas
+    and non-default BatchNorm statistics; the Keras model gets them through
+    ``weights_convert``. ``keras_neutral`` gives Keras its own weights (a
+    user's Keras file), so a mismatch between two files shows.
+    """
+    if neutral is None:
+        torch_model = randomize_(build_torch(spec), seed=seed)
+        neutral = wc.from_torch(torch_model)
+    else:
+        torch_model = wc.to_torch(neutral, spec)
+    with keras_policy(dtype):
+        keras_model = wc.to_keras(neutral if keras_neutral is None else keras_neutral, spec)
+    torch_model.to(device, torch.float64 if dtype == "float64" else torch.float32)
+    _disable_dropout(torch_model, keras_model)
+    return torch_model, keras_model
+
+
+def _torch_run(model, x: torch.Tensor, dtype: str):
+    amp = dtype in ("float16", "bfloat16")
+    with torch.autocast(x.device.type, dtype=getattr(torch, dtype), enabled=amp):
+        out = model(x)
+    return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def torch_outputs(model, x: np.ndarray, dtype: str = "float32", device: str = "cpu"):
+    model.eval()
+    with torch.no_grad():
+        xt = torch.from_numpy(x).to(device, torch.float64 if dtype == "float64" else torch.float32)
+        outs = _torch_run(model, xt, dtype)
+    return [o.detach().double().cpu().numpy() for o in outs]
+
+
+def keras_outputs(model, x: np.ndarray, dtype: str = "float32"):
+    out = model(nhwc(x).astype("float64" if dtype == "float64" else "float32"), training=False)
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return [nchw(keras.ops.convert_to_numpy(o)).astype(np.float64) for o in out]
+
+
+def reference_outputs(spec, neutral, x: np.ndarray, torch_model=None):
+    """Float64 outputs: the NumPy reference for the attention parts, torch float64 for DANet."""
+    sd = {k: np.asarray(v, dtype=np.float64) for k, v in neutral.items()}
+    if spec.arch == "pam":
+        return [ref.position_attention(x, sd["query_conv.weight"], sd["query_conv.bias"], sd["key_conv.weight"],
+                                       sd["key_conv.bias"], sd["value_conv.weight"], sd["value_conv.bias"],
+                                       sd["gamma"])]
+    if spec.arch == "cam":
+        return [ref.channel_attention(x, sd["gamma"])]
+    if spec.arch == "dual_attention":
+        return [ref.dual_attention(x, sd)]
+    if spec.arch == "head":
+        return list(ref.danet_head(x, sd))
+    model64 = (torch_model if torch_model is not None else wc.to_torch(neutral, spec)).double().cpu().eval()
+    with torch.no_grad():
+        out = [o.numpy() for o in model64(torch.from_numpy(x))]
+    model64.float()
+    return out
+
+
+def _rows(component, names, actual, expected, dtype, scope, against, device):
+    tol = tolerance(dtype, scope)
+    rows = []
+    for name, a, e in zip(names, actual, expected):
+        c = compare(name, a, e, tol)
+        rows.append(Row(component, name, keras.backend.backend(), device, dtype, c.max_abs, c.max_rel,
+                        tol.atol, tol.rtol, c.passed, against))
+    return rows
+
+
+def forward_rows(component, spec, torch_model, keras_model, x, dtype="float32", device="cpu", neutral=None):
+    """Keras vs torch (float32), or both vs the float64 reference (half precision)."""
+    names = OUTPUT_NAMES[spec.arch]
+    scope = "model" if spec.arch == "danet" else "layer"
+    where = f"torch:{device}/keras:{keras_device()}"
+    t_out = torch_outputs(torch_model, x, dtype, device)
+    k_out = keras_outputs(keras_model, x, dtype)
+    if dtype in ("float32", "float64"):
+        return _rows(component, names, k_out, t_out, dtype, scope, "torch", where)
+    expected = reference_outputs(spec, neutral if neutral is not None else wc.from_torch(torch_model), x)
+    return (_rows(component, [f"{n} (torch)" for n in names], t_out, expected, dtype, scope, "float64", where)
+            + _rows(component, [f"{n} (keras)" for n in names], k_out, expected, dtype, scope, "float64", where))
+
+
+def gradient_rows(component, spec, torch_model, keras_model, x, device="cpu", seed=1, dtype="float32"):
+    """Training mode: d loss / d input and / d every parameter, then the updated BatchNorm statistics.
+
+    ``loss = sum_i <output_i, w_i>`` with fixed random ``w_i``; both models
+    must hold the same weights in ``dtype`` (float32 or float64).
+    """
+    rng = np.random.default_rng(seed)
+    tdtype = getattr(torch, dtype)
+    torch_model.train()
+    xt = torch.from_numpy(x).to(device, tdtype).requires_grad_(True)
+    torch_model.zero_grad()
+    t_out = _torch_run(torch_model, xt, dtype)
+    weights = [rng.standard_normal(tuple(o.shape)) for o in t_out]
+    sum((o * torch.from_numpy(w).to(device, tdtype)).sum() for o, w in zip(t_out, weights)).backward()
+    torch_model.eval()
+    _, k_dx, k_grads = keras_loss_and_grads(keras_model, nhwc(x).astype(dtype),
+                                            [nhwc(w) for w in weights], training=True)
+    where = f"torch:{device}/keras:{keras_device()}"
+    actual, expected, labels = [nchw(k_dx)], [xt.grad.double().cpu().numpy()], ["d/d input"]
+    params = dict(torch_model.named_parameters())
+    for row in wc.keras_table(spec):
+        if row.torch_name not in params:
+            continue
+        var = wc.mapping.resolve_keras(keras_model, row.keras_path)
+        grad = k_grads.get(id(var))
+        if grad is None:
+            raise AssertionError(f"{component}: Keras has no gradient for {row.keras_path} ({row.torch_name})")
+        actual.append(wc.mapping.from_keras_layout(grad, row.rule))
+        expected.append(params[row.torch_name].grad.double().cpu().numpy())
+        labels.append(f"d/d {row.torch_name}")
+    rows = _rows(component, labels, actual, expected, dtype, "grad", "torch", where)
+    buffers = dict(torch_model.named_buffers())
+    k_state = wc.from_keras(keras_model, spec)
+    stats = [k for k in buffers if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    rows += _rows(component, [f"{k} after 1 step" for k in stats], [k_state[k] for k in stats],
+                  [buffers[k].double().cpu().numpy() for k in stats], dtype, "layer", "torch", where)
+    return rows
+
+
+def run_component(component, spec=None, size=None, batch=2, seed=0, dtype="float32", device="cpu",
+                  gradients=True, neutral=None, keras_neutral=None):
+    """All rows for one component: forward in ``dtype``, then gradients.
+
+    Gradients are compared in float32 for the attention layers and in
+    float64 for a whole DANet, whose float32 gradients are ill-conditioned
+    (see :mod:`parity_tests.tolerances`).
+    """
+    default_spec, default_size = COMPONENTS.get(component, (None, (9, 11)))
+    spec = spec or default_spec
+    size = size or default_size
+    torch_model, keras_model = make_pair(spec, seed, device, dtype, neutral, keras_neutral)
+    x = make_input(spec, size, batch, seed)
+    rows = forward_rows(component, spec, torch_model, keras_model, x, dtype, device, neutral)
+    if gradients:
+        grad_dtype = "float64" if spec.arch == "danet" or dtype == "float64" else "float32"
+        if grad_dtype != dtype:
+            torch_model, keras_model = make_pair(spec, seed, device, grad_dtype, neutral, keras_neutral)
+        rows += gradient_rows(component, spec, torch_model, keras_model, x, device, seed + 1, grad_dtype)
+    return rows

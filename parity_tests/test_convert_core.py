@@ -1,0 +1,262 @@
+"""weights_convert without Keras: names, inference, formats, importers, strict checks, the CLI's refusals."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import weights_convert as wc  # noqa: E402
+from weights_convert.arch import ArchSpec, expected_shapes  # noqa: E402
+from weights_convert.cli import main  # noqa: E402
+from weights_convert.testing import SMALL_SPECS, random_torch_model, to_mmseg_names  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DANET_SPECS = {
+    "danet50_deep": ArchSpec("danet", num_classes=5, backbone="resnet50", deep_stem=True),
+    "danet101": ArchSpec("danet", num_classes=19),
+}
+
+
+def _same(a, b):
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert np.array_equal(a[k], b[k]), k
+
+
+def _no_dst(tmp_path, name):
+    return not any(p.name == name or p.name.startswith(f".{name}.tmp") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", sorted({**SMALL_SPECS, **DANET_SPECS}))
+def test_expected_shapes_are_torch_state_dict(name):
+    spec = {**SMALL_SPECS, **DANET_SPECS}[name]
+    sd = spec.build_torch().state_dict()
+    shapes = expected_shapes(spec)
+    assert list(shapes) == list(sd)
+    assert all(tuple(sd[k].shape) == shapes[k] for k in sd)
+
+
+@pytest.mark.parametrize("name", sorted({**SMALL_SPECS, **DANET_SPECS}))
+def test_infer_arch(name):
+    spec = {**SMALL_SPECS, **DANET_SPECS}[name]
+    neutral = {k: np.zeros(s, np.float32) for k, s in expected_shapes(spec).items()}
+    got = wc.infer_arch(neutral, channels=spec.channels if spec.arch == "cam" else None)
+    assert got == spec
+
+
+def test_infer_overrides():
+    neutral = {k: np.zeros(s, np.float32) for k, s in expected_shapes(DANET_SPECS["danet101"]).items()}
+    got = wc.infer_arch(neutral, output_stride=16, multi_grid=None)
+    assert (got.output_stride, got.multi_grid, got.backbone, got.num_classes) == (16, None, "resnet101", 19)
+
+
+@pytest.mark.parametrize("ext", [".pth", ".pt", ".safetensors", ".npz"])
+@pytest.mark.parametrize("name", sorted(SMALL_SPECS))
+def test_torch_formats_round_trip_bit_exact(tmp_path, ext, name):
+    spec = SMALL_SPECS[name]
+    model = random_torch_model(spec)
+    neutral = wc.from_torch(model)
+    wc.save(neutral, tmp_path / f"w{ext}", arch=spec)
+    back, spec2 = wc.load(tmp_path / f"w{ext}", channels=spec.channels if spec.arch == "cam" else None)
+    _same(neutral, back)
+    assert spec2 == spec
+    _same(neutral, wc.from_torch(wc.to_torch(back, spec2)))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+def test_dtype_preserved(tmp_path, dtype):
+    spec = ArchSpec("head", channels=32, num_classes=3, dtype=dtype)
+    neutral = wc.from_torch(random_torch_model(spec))
+    assert neutral["conv5a.0.weight"].dtype.name == dtype
+    for ext in (".pth", ".safetensors") + ((".npz",) if dtype != "bfloat16" else ()):
+        wc.save(neutral, tmp_path / f"w{ext}")
+        back, spec2 = wc.load(tmp_path / f"w{ext}")
+        _same(neutral, back)
+        assert spec2.dtype == dtype and back["conv5a.1.num_batches_tracked"].dtype == np.int64
+
+
+def test_official_checkpoint_converts_and_verifies(tmp_path, capsys):
+    spec = SMALL_SPECS["head"]
+    sd = random_torch_model(spec).state_dict()
+    torch.save({"epoch": 240, "state_dict": {f"module.{k}": v for k, v in sd.items()}, "best_pred": 0.8},
+               tmp_path / "official.pth.tar.pth")
+    assert main([str(tmp_path / "official.pth.tar.pth"), str(tmp_path / "out.safetensors"), "--verify"]) == 0
+    err = capsys.readouterr()
+    assert "module." in err.err and "epoch" in err.err and "PASS" in err.out
+    back, _ = wc.load(tmp_path / "out.safetensors")
+    _same(wc.from_torch(random_torch_model(spec)), back)
+
+
+def test_mmseg_head_only_when_backbone_differs(tmp_path, capsys):
+    spec = DANET_SPECS["danet50_deep"]
+    neutral = wc.from_torch(random_torch_model(spec))
+    ckpt = to_mmseg_names(neutral, stem_channels=64)
+    ckpt["state_dict"] = {k: torch.from_numpy(np.array(v)) for k, v in ckpt["state_dict"].items()
+                          if not k.startswith("backbone.layer") or k.startswith("backbone.layer1.0.")}
+    torch.save(ckpt, tmp_path / "mmseg.pth")
+    assert main([str(tmp_path / "mmseg.pth"), str(tmp_path / "head.npz"), "--verify"]) == 0
+    out = capsys.readouterr()
+    assert "imported the head alone" in out.err and "auxiliary head" in out.err and "skipped" in out.err
+    back, got = wc.load(tmp_path / "head.npz")
+    assert got.arch == "head" and got.channels == 2048 and got.num_classes == 5
+    head = {k[len("head."):]: v for k, v in neutral.items() if k.startswith("head.")}
+    for k, v in head.items():
+        assert np.array_equal(back[k], v), k
+    assert back["sa.gamma"].shape == (1,)
+
+
+def test_mmseg_full_model_when_backbone_matches():
+    from weights_convert.importers import import_checkpoint
+
+    spec = DANET_SPECS["danet50_deep"]
+    neutral = wc.from_torch(random_torch_model(spec))
+    ckpt = to_mmseg_names(neutral)
+    assert ckpt["state_dict"]["decode_head.pam.gamma.scale"].shape == ()
+    notes = []
+    got, hints = import_checkpoint(ckpt, notes)
+    spec2 = wc.infer_arch(got, **hints)
+    assert spec2.arch == "danet" and spec2.deep_stem and spec2.backbone == "resnet50" and spec2.multi_grid is None
+    _same(neutral, wc.api.conform(got, spec2))
+    assert any("auxiliary head (4 tensors" in n for n in notes)
+    assert any("ResNetV1c backbone onto the deep-stem" in n for n in notes)
+    model = wc.to_torch(wc.api.conform(got, spec2), spec2)
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, 33, 33))
+    assert y[0].shape == (1, 5, 33, 33)
+
+
+# -- failures: exit code, message, no DST ---------------------------------------------------------
+@pytest.fixture
+def head_pth(tmp_path):
+    sd = random_torch_model(SMALL_SPECS["head"]).state_dict()
+    torch.save(sd, tmp_path / "src.pth")
+    return tmp_path / "src.pth", sd
+
+
+def test_missing_key(tmp_path, head_pth, capsys):
+    src, sd = head_pth
+    del sd["conv6.1.bias"]
+    torch.save(sd, src)
+    assert main([str(src), str(tmp_path / "dst.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "1 missing" in err and "conv6.1.bias  expected (5,)" in err
+    assert _no_dst(tmp_path, "dst.npz")
+
+
+def test_unexpected_and_mismatched(tmp_path, head_pth, capsys):
+    src, sd = head_pth
+    sd["conv5a.0.weight"] = torch.zeros(16, 64, 1, 1)
+    sd["extra.weight"] = torch.zeros(2)
+    torch.save(sd, src)
+    assert main([str(src), str(tmp_path / "dst.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "extra.weight  found (2,)" in err
+    assert "conv5a.0.weight  expected (16, 64, 3, 3), found (16, 64, 1, 1)" in err
+    assert _no_dst(tmp_path, "dst.safetensors")
+
+
+def test_allow_partial_says_what_it_left_out(tmp_path, head_pth, capsys):
+    src, sd = head_pth
+    sd["extra.weight"] = torch.zeros(2)
+    torch.save(sd, src)
+    assert main([str(src), str(tmp_path / "dst.npz"), "--allow-partial"]) == 0
+    assert "left out" in capsys.readouterr().err and "extra.weight" not in np.load(tmp_path / "dst.npz").files
+
+
+def test_wrong_class_count_option(tmp_path, head_pth, capsys):
+    src, _ = head_pth
+    assert main([str(src), str(tmp_path / "dst.pth"), "--num-classes", "7"]) == 2
+    assert "conv8.1.weight  expected (7, 16, 1, 1), found (5, 16, 1, 1)" in capsys.readouterr().err
+    assert _no_dst(tmp_path, "dst.pth")
+
+
+@pytest.mark.parametrize("ext", [".pth", ".safetensors", ".npz"])
+def test_corrupt_or_truncated_source(tmp_path, head_pth, capsys, ext):
+    src, sd = head_pth
+    good = tmp_path / f"good{ext}"
+    wc.save(wc.from_torch(random_torch_model(SMALL_SPECS["head"])), good)
+    data = good.read_bytes()
+    bad = tmp_path / f"bad{ext}"
+    bad.write_bytes(data[: len(data) // 2])
+    assert main([str(bad), str(tmp_path / "dst.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "truncated or corrupt" in err or "corrupt" in err
+    assert bad.read_bytes() == data[: len(data) // 2]
+    assert _no_dst(tmp_path, "dst.pth")
+
+
+def test_existing_dst_refused_without_force(tmp_path, head_pth, capsys):
+    src, _ = head_pth
+    dst = tmp_path / "dst.npz"
+    dst.write_bytes(b"keep me")
+    assert main([str(src), str(dst)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert dst.read_bytes() == b"keep me"
+    assert main([str(src), str(dst), "--force"]) == 0
+    assert dst.read_bytes() != b"keep me"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_same_file_refused(head_pth, capsys):
+    src, _ = head_pth
+    before = src.read_bytes()
+    assert main([str(src), str(src), "--force"]) == 2
+    assert "SRC is never modified" in capsys.readouterr().err and src.read_bytes() == before
+
+
+def test_unsupported_extension(tmp_path, head_pth, capsys):
+    src, _ = head_pth
+    assert main([str(src), str(tmp_path / "dst.bin")]) == 2
+    assert "accepted: .pth, .pt" in capsys.readouterr().err
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_pickle_that_runs_code_is_refused(tmp_path, capsys, writer):
+    marker = tmp_path / "PWNED"
+    obj = {"state_dict": {"gamma": _Evil(str(marker))}}
+    if writer == "torch.save":
+        torch.save(obj, tmp_path / "evil.pth")
+    else:
+        with open(tmp_path / "evil.pth", "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+    assert main([str(tmp_path / "evil.pth"), str(tmp_path / "dst.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "weights_only" in err and "unsafe pickle" in err
+    assert not marker.exists()
+    assert _no_dst(tmp_path, "dst.npz")
+
+
+def test_import_imports_no_framework():
+    code = "import sys, weights_convert; print('torch' in sys.modules, 'keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_weight_map_doc_is_generated():
+    from weights_convert.mapping import keras_table, markdown
+
+    doc = ROOT / "docs" / "WEIGHT_MAP.md"
+    assert doc.read_text() == markdown(), "regenerate: python -m weights_convert.mapping --markdown > docs/WEIGHT_MAP.md"
+    rows = {r.torch_name: r for r in keras_table(SMALL_SPECS["head"])}
+    assert rows["conv5a.0.weight"].keras_path == "conv5a.layers[0].kernel"
+    assert rows["conv5a.0.weight"].keras_shape == (3, 3, 64, 16)
+    assert rows["conv5a.1.running_var"].keras_path == "conv5a.layers[1].moving_variance"
+    assert rows["sa.gamma"].keras_path == "sa.gamma" and rows["conv6.1.bias"].keras_path == "conv6.layers[1].bias"

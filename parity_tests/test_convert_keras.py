@@ -1,0 +1,152 @@
+"""weights_convert with Keras: bit-exact round trips, output parity, Keras file formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.keras
+torch = pytest.importorskip("torch")
+keras = pytest.importorskip("keras")
+pytest.importorskip("danet_keras")
+
+import weights_convert as wc  # noqa: E402
+from weights_convert.arch import ArchSpec  # noqa: E402
+from weights_convert.cli import main  # noqa: E402
+from weights_convert.mapping import keras_table, resolve_keras  # noqa: E402
+from weights_convert.testing import SMALL_SPECS, random_torch_model, to_mmseg_names  # noqa: E402
+from weights_convert.verify import verify  # noqa: E402
+
+
+def _same(a, b):
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert np.array_equal(a[k], b[k]), k
+
+
+def _random_keras(spec, seed=0):
+    """A built Keras layer with every variable random (BN variance positive, counters non-zero)."""
+    rng = np.random.default_rng(seed)
+    layer = spec.build_keras()
+    for row in keras_table(spec):
+        var = resolve_keras(layer, row.keras_path)
+        if row.rule == "int64":
+            value = np.asarray(rng.integers(1, 1000), dtype=var.dtype)
+        elif row.keras_path.endswith("moving_variance"):
+            value = rng.uniform(0.5, 2.0, var.shape).astype(var.dtype)
+        else:
+            value = rng.standard_normal(var.shape).astype(var.dtype)
+        var.assign(value)
+    return layer
+
+
+def _keras_values(layer, spec):
+    return {r.keras_path: np.array(keras.ops.convert_to_numpy(resolve_keras(layer, r.keras_path)))
+            for r in keras_table(spec)}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_SPECS))
+def test_torch_keras_torch_bit_exact(name):
+    spec = SMALL_SPECS[name]
+    neutral = wc.from_torch(random_torch_model(spec))
+    layer = wc.to_keras(neutral, spec)
+    back = wc.from_torch(wc.to_torch(wc.from_keras(layer), spec))
+    _same(neutral, back)
+    assert wc.spec_from_keras(layer) == spec
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_SPECS))
+def test_keras_torch_keras_bit_exact(name):
+    spec = SMALL_SPECS[name]
+    layer = _random_keras(spec)
+    again = wc.to_keras(wc.from_torch(wc.to_torch(wc.from_keras(layer), spec)), spec)
+    a, b = _keras_values(layer, spec), _keras_values(again, spec)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_SPECS))
+def test_outputs_match_with_nonzero_gamma_and_bn_stats(name):
+    spec = SMALL_SPECS[name]
+    model = random_torch_model(spec, seed=3)
+    neutral = wc.from_torch(model)
+    assert all(float(v[0]) != 0 for k, v in neutral.items() if k.endswith("gamma"))
+    layer_neutral = wc.from_keras(wc.to_keras(neutral, spec))
+    for c in verify(neutral, spec, "torch", layer_neutral, spec, "keras", seed=1):
+        assert c.passed, c.message()
+
+
+def test_danet50_real_round_trip_and_outputs():
+    spec = ArchSpec("danet", num_classes=3, backbone="resnet50")
+    neutral = wc.from_torch(random_torch_model(spec))
+    layer = wc.to_keras(neutral, spec)
+    back = wc.from_keras(layer)
+    _same(neutral, back)
+    _same(neutral, wc.from_torch(wc.to_torch(back, spec)))
+    for c in verify(neutral, spec, "torch", back, wc.spec_from_keras(layer), "keras", size=33):
+        assert c.passed, c.message()
+
+
+@pytest.mark.parametrize("deep_stem", [False, True])
+def test_danet_keras_torch_keras_bit_exact(deep_stem):
+    spec = ArchSpec("danet", num_classes=3, backbone="resnet50", deep_stem=deep_stem, multi_grid=None)
+    layer = _random_keras(spec)
+    again = wc.to_keras(wc.from_torch(wc.to_torch(wc.from_keras(layer), spec)), spec)
+    a, b = _keras_values(layer, spec), _keras_values(again, spec)
+    assert len(a) == len(layer.weights)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+def test_keras_formats_via_cli(tmp_path, capsys):
+    import h5py
+
+    spec = SMALL_SPECS["head"]
+    neutral = wc.from_torch(random_torch_model(spec))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in random_torch_model(spec).state_dict().items()}},
+               tmp_path / "official.pth")
+    assert main([str(tmp_path / "official.pth"), str(tmp_path / "m.keras"), "--verify"]) == 0
+    assert main([str(tmp_path / "m.keras"), str(tmp_path / "m.weights.h5"), "--verify"]) == 0
+    with h5py.File(tmp_path / "m.weights.h5", "a") as f:  # a file from elsewhere: no stored architecture
+        del f.attrs["danet_arch"]
+    assert main([str(tmp_path / "m.weights.h5"), str(tmp_path / "back.pth"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 9 and "FAIL" not in out
+    back = wc.from_torch(wc.to_torch(wc.load(tmp_path / "back.pth")[0], spec))
+    _same(neutral, back)
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_mmseg_checkpoint_to_keras(tmp_path, capsys):
+    spec = SMALL_SPECS["head"]
+    neutral = wc.from_torch(random_torch_model(spec))
+    ckpt = to_mmseg_names(neutral)
+    ckpt["state_dict"] = {k: torch.from_numpy(np.array(v)) for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, tmp_path / "mmseg.pth")
+    assert main([str(tmp_path / "mmseg.pth"), str(tmp_path / "m.weights.h5"), "--verify"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped mmseg's FCN auxiliary head" in captured.err and "FAIL" not in captured.out
+    _same(neutral, wc.load(tmp_path / "m.weights.h5")[0])
+
+
+@pytest.mark.parametrize("ext", [".keras", ".weights.h5"])
+def test_corrupt_keras_source(tmp_path, capsys, ext):
+    spec = SMALL_SPECS["pam"]
+    wc.save(wc.from_torch(random_torch_model(spec)), tmp_path / f"good{ext}", arch=spec)
+    data = (tmp_path / f"good{ext}").read_bytes()
+    (tmp_path / f"bad{ext}").write_bytes(data[: len(data) // 3])
+    assert main([str(tmp_path / f"bad{ext}"), str(tmp_path / "dst.pth")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "dst.pth").exists()
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_wrong_architecture_for_weights_h5(tmp_path, capsys):
+    spec = SMALL_SPECS["head"]
+    wc.save(wc.from_torch(random_torch_model(spec)), tmp_path / "h.weights.h5", arch=spec)
+    assert main([str(tmp_path / "h.weights.h5"), str(tmp_path / "dst.pth"), "--num-classes", "7"]) == 2
+    assert "does not load into DANetHead(in_channels=64, num_classes=7)" in capsys.readouterr().err
+    assert not (tmp_path / "dst.pth").exists()

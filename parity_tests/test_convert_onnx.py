@@ -1,0 +1,96 @@
+"""``danet-convert SRC DST.onnx``: ONNX output (write-only), ``--verify`` through onnxruntime, refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+import weights_convert as wc  # noqa: E402
+from parity_tests.tolerances import compare, tolerance  # noqa: E402
+from weights_convert.arch import ArchSpec  # noqa: E402
+from weights_convert.cli import main  # noqa: E402
+from weights_convert.io_onnx import example_size  # noqa: E402
+from weights_convert.testing import random_torch_model  # noqa: E402
+
+SPEC = ArchSpec("head", channels=64, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random DANetHead(64, 5) as .pth, converted once to .onnx with ``--verify``: (folder, model, rc, out)."""
+    folder = tmp_path_factory.mktemp("onnx")
+    model = random_torch_model(SPEC)
+    torch.save(model.state_dict(), folder / "head.pth")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main([str(folder / "head.pth"), str(folder / "head.onnx"), "--verify", "-q"])
+    return folder, model, rc, buf.getvalue()
+
+
+def test_pth_to_onnx_runs_in_onnxruntime(exported):
+    folder, model, rc, _ = exported
+    assert rc == 0
+    dst = folder / "head.onnx"
+    assert dst.is_file()
+    assert not [p for p in folder.iterdir() if ".tmp-" in p.name]  # no temporary file left
+    size = 10
+    assert size != example_size(SPEC)  # a size not used at export: the axes really are dynamic
+    x = np.random.default_rng(1).standard_normal((2, 64, size, size)).astype(np.float32)
+    sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input"]
+    names = [o.name for o in sess.get_outputs()]
+    assert names == ["fused", "pam", "cam"]
+    got = sess.run(names, {"input": x})
+    with torch.no_grad():
+        want = model(torch.from_numpy(x))
+    tol = tolerance("float32", "layer")
+    for n, g, w in zip(names, got, want):
+        c = compare(n, g, w.numpy(), tol)
+        assert c.passed, c.message()
+
+
+def test_verify_passes_and_prints_each_output(exported):
+    _, _, rc, out = exported
+    assert rc == 0
+    lines = [ln for ln in out.splitlines() if ln.startswith("verify ")]
+    assert len(lines) == 3 and all("PASS" in ln and "torch -> onnxruntime" in ln for ln in lines), out
+    assert "max|diff|=" in out and "max rel=" in out
+
+
+def test_existing_onnx_dst_is_refused_without_force(exported, capsys):
+    folder, *_ = exported
+    dst = folder / "head.onnx"
+    before = dst.read_bytes()
+    assert main([str(folder / "head.pth"), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "--force" in err and "Traceback" not in err
+    assert dst.read_bytes() == before
+
+
+def test_onnx_src_is_refused(exported, tmp_path, capsys):
+    folder, *_ = exported
+    dst = tmp_path / "back.pth"
+    assert main([str(folder / "head.onnx"), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "ONNX is an export format" in err and "cannot read weights back" in err
+    assert ".pth" in err.split("accepted SRC formats:")[1] and "Traceback" not in err
+    assert not dst.exists()
+    with pytest.raises(wc.ConvertError, match="ONNX is an export format"):
+        wc.load(folder / "head.onnx")
+    with pytest.raises(wc.ConvertError, match="ONNX is an export format"):
+        wc.api.read_raw(folder / "head.onnx")
+
+
+def test_onnx_from_needs_an_onnx_dst(exported, tmp_path, capsys):
+    folder, *_ = exported
+    with pytest.raises(SystemExit) as info:
+        main([str(folder / "head.pth"), str(tmp_path / "w.npz"), "--onnx-from", "torch"])
+    assert info.value.code == 2
+    assert "--onnx-from only applies to an .onnx DST" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""Hostile files are refused: a code-running pickle in a ``.pth``, a ``.keras`` with a lambda or unknown class.
+
+The pickle test writes a checkpoint whose unpickling would create a marker
+file; loading it through ``weights_convert.load`` and ``danet-convert`` must
+refuse it with a clear message, exit 2, write no DST and leave no marker.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+
+import danet_torch as dt
+import weights_convert as wc
+from weights_convert import cli
+
+
+class _Marker:
+    """Unpickling this calls ``open(path, "w")``: it creates the marker file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def evil_pth(tmp_path):
+    marker = tmp_path / "PWNED"
+    state = dict(dt.ChannelAttention(8).state_dict())
+    state["payload"] = _Marker(marker)
+    path = tmp_path / "evil.pth"
+    torch.save(state, path)
+    assert not marker.exists()
+    return path, marker
+
+
+def test_pickle_with_code_is_refused_by_load(evil_pth):
+    path, marker = evil_pth
+    with pytest.raises(wc.UnsafeFileError, match="Nothing was executed") as info:
+        wc.load(path)
+    assert "weights_only" in str(info.value)
+    assert not marker.exists()
+
+
+def test_pickle_with_code_is_refused_by_cli(evil_pth, tmp_path, capsys):
+    path, marker = evil_pth
+    dst = tmp_path / "out.safetensors"
+    assert cli.main([str(path), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "danet-convert: error: Refused" in err and "Traceback" not in err
+    assert not marker.exists() and not dst.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pth"]  # no DST, no temporary file
+
+
+def test_the_pickle_really_runs_code_when_loaded_unsafely(evil_pth):
+    # Proves the fixture is hostile: the refusal above is what kept the marker away.
+    path, marker = evil_pth
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+# -- .keras under safe mode ---------------------------------------------------------------------
+
+
+def _keras():
+    import keras as k
+
+    return k
+
+
+@pytest.mark.keras
+def test_keras_lambda_is_refused(tmp_path):
+    k = _keras()
+    inp = k.Input((4, 4, 8))
+    model = k.Model(inp, k.layers.Lambda(lambda t: t * 2.0)(inp))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    with pytest.raises(ValueError, match="(?i)lambda"):
+        k.saving.load_model(path, safe_mode=True)
+    with pytest.raises(wc.UnsafeFileError, match="refused under safe_mode") as info:
+        wc.load(path)
+    msg = str(info.value)
+    assert "Lambda layer" in msg and "arbitrary Python code" in msg and "Nothing was executed" in msg
+    assert "Requested the deserialization of a `Lambda` layer" in msg  # Keras' own text is kept
+
+
+@pytest.mark.keras
+def test_keras_lambda_is_refused_by_cli(tmp_path, capsys):
+    k = _keras()
+    inp = k.Input((4, 4, 8))
+    path = tmp_path / "lambda.keras"
+    k.Model(inp, k.layers.Lambda(lambda t: t * 2.0)(inp)).save(path)
+    dst = tmp_path / "out.pth"
+    assert cli.main([str(path), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "danet-convert: error: Refused" in err and "refused under safe_mode" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lambda.keras"]  # no DST, no temporary file
+
+
+@pytest.mark.keras
+def test_keras_unknown_class_is_refused(tmp_path):
+    import danet_keras as dk
+
+    k = _keras()
+    good = tmp_path / "cam.keras"
+    layer = dk.ChannelAttention()
+    inp = k.Input((4, 4, 8))
+    k.Model(inp, layer(inp)).save(good)
+    bad = tmp_path / "unknown.keras"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "config.json":
+                text = json.dumps(json.loads(data))
+                text = text.replace('"ChannelAttention"', '"EvilLayer"').replace('"danet>', '"evil_pkg>')
+                data = text.encode()
+            zout.writestr(item, data)
+    with pytest.raises(Exception, match="EvilLayer"):
+        k.saving.load_model(bad, safe_mode=True)
+    with pytest.raises(wc.CorruptFileError, match="names the unknown class EvilLayer") as info:
+        wc.load(bad)
+    assert not isinstance(info.value, wc.UnsafeFileError)
+    assert "Could not locate class 'EvilLayer'" in str(info.value)  # Keras' full error text is kept

@@ -1,0 +1,211 @@
+"""danet_keras attention layers against the float64 NumPy reference, on the current Keras backend.
+
+Weights are drawn in torch layout (``reference``'s convention), set into the
+Keras layers through the mirror rule (a torch key walked as attributes and
+``Sequential.layers[i]``), and outputs compared in NCHW.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import danet_keras as dk  # noqa: E402
+from danet_keras import attention as dk_attention  # noqa: E402
+from parity_tests import reference as ref  # noqa: E402
+from parity_tests.tolerances import compare, tolerance  # noqa: E402
+
+pytestmark = pytest.mark.keras
+
+BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance",
+            "num_batches_tracked": "num_batches_tracked"}
+
+
+def resolve(root, key: str):
+    """Walk a torch state_dict key on a Keras layer: returns ``(keras_variable, is_conv_kernel)``."""
+    *parts, leaf = key.split(".")
+    obj = root
+    for part in parts:
+        obj = obj.layers[int(part)] if part.isdigit() else getattr(obj, part)
+    if isinstance(obj, dk.BatchNorm):
+        return getattr(obj, BN_NAMES[leaf]), False
+    if isinstance(obj, dk.Conv2d):
+        return (obj.kernel, True) if leaf == "weight" else (obj.bias, False)
+    return getattr(obj, leaf), False
+
+
+def set_torch_weights(root, sd) -> None:
+    """Assign a torch-layout state_dict (NumPy arrays) to a built Keras layer."""
+    for key, value in sd.items():
+        var, is_kernel = resolve(root, key)
+        value = np.asarray(value)
+        if is_kernel:
+            value = value.transpose(2, 3, 1, 0)
+        assert tuple(var.shape) == value.shape, f"{key}: keras {tuple(var.shape)} vs torch {value.shape}"
+        var.assign(value.astype(var.dtype))
+
+
+def _conv(rng, o, i, k=1, bias=True):
+    sd = {"weight": rng.normal(0, 1 / np.sqrt(i * k * k), (o, i, k, k))}
+    if bias:
+        sd["bias"] = rng.normal(0, 0.1, (o,))
+    return sd
+
+
+def _bn(rng, c):
+    return {"weight": rng.uniform(0.5, 1.5, c), "bias": rng.normal(0, 0.1, c),
+            "running_mean": rng.normal(0, 0.1, c), "running_var": rng.uniform(0.5, 1.5, c)}
+
+
+def pam_state_dict(rng, c, reduction=8, gamma=0.7, prefix=""):
+    sd = {}
+    for name, o in (("query_conv", c // reduction), ("key_conv", c // reduction), ("value_conv", c)):
+        sd.update({f"{prefix}{name}.{k}": v for k, v in _conv(rng, o, c).items()})
+    sd[f"{prefix}gamma"] = np.array([gamma])
+    return sd
+
+
+def dual_state_dict(rng, c, inter, out, reduction=8, gammas=(0.7, -0.4)):
+    sd = {}
+    for name, i, o in (("conv5a", c, inter), ("conv5c", c, inter), ("conv51", inter, out), ("conv52", inter, out)):
+        sd[f"{name}.0.weight"] = _conv(rng, o, i, 3, bias=False)["weight"]
+        sd.update({f"{name}.1.{k}": v for k, v in _bn(rng, o).items()})
+    sd.update(pam_state_dict(rng, inter, reduction, gammas[0], prefix="sa."))
+    sd["sc.gamma"] = np.array([gammas[1]])
+    return sd
+
+
+def head_state_dict(rng, c, num_classes, reduction=8):
+    inter = c // 4
+    sd = dual_state_dict(rng, c, inter, inter, reduction)
+    for name in ("conv6", "conv7", "conv8"):
+        sd.update({f"{name}.1.{k}": v for k, v in _conv(rng, num_classes, inter).items()})
+    return sd
+
+
+def nhwc(x):
+    return np.transpose(x, (0, 2, 3, 1))
+
+
+def nchw(y):
+    return np.transpose(keras.ops.convert_to_numpy(y), (0, 3, 1, 2))
+
+
+def check(name, actual_nchw, expected, dtype="float32", scope="layer"):
+    result = compare(name, actual_nchw, expected, tolerance(dtype, scope))
+    assert result.passed, result.message()
+
+
+SHAPES = [(1, 16, 7, 5), (2, 24, 9, 11), (3, 32, 6, 13)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_position_attention_matches_reference(shape, fused, rng):
+    x = rng.normal(0, 0.5, shape)
+    layer = dk.PositionAttention(fused=fused)
+    layer.build(nhwc(x).shape)
+    sd = pam_state_dict(rng, shape[1])
+    set_torch_weights(layer, sd)
+    y = layer(nhwc(x).astype("float32"))
+    expected = ref.position_attention(x.astype("float32"), *(sd[k] for k in (
+        "query_conv.weight", "query_conv.bias", "key_conv.weight", "key_conv.bias",
+        "value_conv.weight", "value_conv.bias", "gamma")))
+    check(f"PAM{shape} fused={fused}", nchw(y), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_channel_attention_matches_reference(shape, rng):
+    x = rng.normal(0, 0.3, shape)
+    layer = dk.ChannelAttention()
+    layer.build(nhwc(x).shape)
+    layer.gamma.assign(np.array([-0.6], "float32"))
+    y = layer(nhwc(x).astype("float32"))
+    expected = ref.channel_attention(x.astype("float32"), -0.6)
+    check(f"CAM{shape}", nchw(y), expected)
+    plain = ref.channel_attention_plain_softmax(x, -0.6)  # the "fixed" CAM is not DANet
+    assert not compare("plain", nchw(y), plain, tolerance("float32")).passed
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 7, 9), (1, 64, 5, 4)])
+def test_dual_attention_and_head_match_reference(shape, rng):
+    x = rng.normal(0, 0.5, shape)
+    c = shape[1]
+    dual = dk.DualAttention(out_channels=12)
+    dual.build(nhwc(x).shape)
+    sd = dual_state_dict(rng, c, c // 4, 12)
+    set_torch_weights(dual, sd)
+    check("DualAttention", nchw(dual(nhwc(x).astype("float32"))), ref.dual_attention(x, sd))
+    sa, sc = dual.forward_branches(nhwc(x).astype("float32"))
+    for got, want, name in zip((sa, sc), ref.dual_attention_branches(x, sd), ("sa_conv", "sc_conv")):
+        check(name, nchw(got), want)
+
+    head = dk.DANetHead(5)
+    head.build(nhwc(x).shape)
+    sd = head_state_dict(rng, c, 5)
+    set_torch_weights(head, sd)
+    outs = head(nhwc(x).astype("float32"), training=False)
+    for got, want, name in zip(outs, ref.danet_head(x, sd), ("fused", "pam", "cam")):
+        check(f"DANetHead.{name}", nchw(got), want)
+
+
+def test_channels_first_matches_channels_last(rng):
+    x = rng.normal(0, 0.5, (2, 32, 7, 9)).astype("float32")
+    sd = head_state_dict(rng, 32, 4)
+    last, first = dk.DANetHead(4), dk.DANetHead(4, data_format="channels_first")
+    last.build(nhwc(x).shape)
+    first.build(x.shape)
+    set_torch_weights(last, sd)
+    set_torch_weights(first, sd)
+    for a, b in zip(last(nhwc(x)), first(x)):
+        check("channels_first", keras.ops.convert_to_numpy(b), nchw(a))
+
+
+def test_gamma_zero_returns_input_exactly(rng):
+    x = nhwc(rng.normal(0, 1, (2, 16, 5, 7))).astype("float32")
+    for layer in (dk.PositionAttention(), dk.ChannelAttention()):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x)), x)
+
+
+@pytest.mark.parametrize("hw", [(7, 9), (13, 5)])
+def test_efficient_paths_equal_plain(hw, rng, monkeypatch):
+    b, n, cq, c = 2, hw[0] * hw[1], 4, 32
+    q, k = (rng.normal(0, 1, (b, n, cq)).astype("float32") for _ in range(2))
+    v = rng.normal(0, 1, (b, n, c)).astype("float32")
+    plain = keras.ops.convert_to_numpy(dk_attention.position_attention_plain(q, k, v))
+    for rows in (1, 5, 17, n):
+        blocked = dk_attention.position_attention_blocked(q, k, v, rows)
+        check(f"blocked rows={rows}", keras.ops.convert_to_numpy(blocked), plain)
+    check("split_heads", keras.ops.convert_to_numpy(dk_attention.position_attention_split_heads(q, k, v)), plain)
+    # The layer's own efficient path, forced into several blocks.
+    monkeypatch.setattr(dk_attention, "BLOCK_ELEMENTS", n * 6)
+    x = rng.normal(0, 0.5, (b, *hw, c)).astype("float32")
+    fused, official = dk.PositionAttention(fused=True), dk.PositionAttention(fused=False)
+    fused.build(x.shape)
+    official.build(x.shape)
+    official.set_weights(fused.get_weights())
+    fused.gamma.assign(np.array([0.9], "float32"))
+    official.gamma.assign(np.array([0.9], "float32"))
+    assert fused.select_path(np.zeros((b, n, cq), "float32"), np.zeros((b, n, c), "float32")) == "blocked"
+    check("PAM fused vs plain", keras.ops.convert_to_numpy(fused(x)), keras.ops.convert_to_numpy(official(x)))
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="`inputs` must be 4-D"):
+        dk.PositionAttention()(np.zeros((2, 8, 16), "float32"))
+    pam = dk.PositionAttention()
+    pam(np.zeros((1, 4, 4, 16), "float32"))
+    with pytest.raises(ValueError, match="built for 16 channels"):
+        pam(np.zeros((1, 4, 4, 24), "float32"))
+    with pytest.raises(ValueError, match="too few for `reduction`=8"):
+        dk.PositionAttention()(np.zeros((1, 4, 4, 4), "float32"))
+    with pytest.raises(ValueError, match="too few"):
+        dk.DualAttention()(np.zeros((1, 4, 4, 16), "float32"))
+    with pytest.raises(ValueError, match="`fused`"):
+        dk.PositionAttention(fused="yes")
+    with pytest.raises(ValueError, match="`reduction`"):
+        dk.PositionAttention(reduction=0)
+    with pytest.raises(ValueError, match="`data_format`"):
+        dk.ChannelAttention(data_format="NHWC")

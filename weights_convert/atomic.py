@@ -1,0 +1,48 @@
+"""Write a file so that nothing is lost: a temporary file in the target folder, renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+from .errors import RefusedError
+
+__all__ = ["check_destination", "atomic_target"]
+
+
+def check_destination(src, dst, force: bool) -> Path:
+    """Refuse ``dst`` if it exists (without ``force``), is ``src``, or its folder is missing."""
+    dst = Path(dst)
+    if src is not None and Path(src).exists() and dst.exists() and os.path.samefile(src, dst):
+        raise RefusedError(f"DST {str(dst)!r} is the source file; SRC is never modified: choose another DST.")
+    if dst.exists() and not force:
+        raise RefusedError(f"DST {str(dst)!r} exists; pass --force (force=True) to replace it.")
+    if dst.exists() and dst.is_dir():
+        raise RefusedError(f"DST {str(dst)!r} is a folder; give a file name with a supported extension.")
+    if not dst.parent.exists():
+        raise RefusedError(f"The folder of DST {str(dst)!r} does not exist ({str(dst.parent)!r}).")
+    return dst
+
+
+@contextlib.contextmanager
+def atomic_target(dst, suffix: str):
+    """Yield a temporary path ``.{name}.tmp-XXXX{suffix}`` beside ``dst``; on success rename it to ``dst``.
+
+    ``suffix`` keeps what writers need (Keras insists on ``.keras`` / ``.weights.h5``).
+    On any error the temporary file is removed and ``dst`` is untouched.
+    """
+    dst = Path(dst)
+    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}{suffix}"
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise OSError(f"the writer left no file at {tmp}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

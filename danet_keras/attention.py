@@ -44,6 +44,15 @@ BLOCK_ELEMENTS = 1 << 23
 MIN_FUSED_POSITIONS = 1024
 
 
+def _bmm(a, b):
+    """Batched ``a @ b``. float64 goes through ``einsum``: Keras 3.15's torch
+    backend computes ``ops.matmul`` of float64 inputs in float32
+    (``BIT64_TO_BIT32_DTYPE`` in its type promotion)."""
+    if keras.backend.standardize_dtype(a.dtype) == "float64":
+        return ops.einsum("bij,bjk->bik", a, b)
+    return ops.matmul(a, b)
+
+
 def _softmax(energy):
     """Softmax over the last axis in float32 (float64 stays), result in ``energy``'s dtype."""
     dtype = backend_result_type(energy.dtype)
@@ -52,15 +61,15 @@ def _softmax(energy):
 
 def position_attention_plain(q, k, v):
     """Official PAM core: ``(B, N, C'), (B, N, C'), (B, N, C) -> (B, N, C)``, no scaling."""
-    attention = _softmax(ops.matmul(q, ops.transpose(k, (0, 2, 1))))  # (B, N, N)
-    return ops.matmul(attention, v)
+    attention = _softmax(_bmm(q, ops.transpose(k, (0, 2, 1))))  # (B, N, N)
+    return _bmm(attention, v)
 
 
 def position_attention_blocked(q, k, v, block_rows: int):
     """The same function over blocks of ``block_rows`` queries (static ``N``)."""
     n = q.shape[1]
     kt = ops.transpose(k, (0, 2, 1))
-    outs = [ops.matmul(_softmax(ops.matmul(q[:, i:i + block_rows], kt)), v) for i in range(0, n, block_rows)]
+    outs = [_bmm(_softmax(_bmm(q[:, i:i + block_rows], kt)), v) for i in range(0, n, block_rows)]
     return outs[0] if len(outs) == 1 else ops.concatenate(outs, axis=1)
 
 
@@ -241,10 +250,10 @@ class ChannelAttention(_Attention):
         dtype = backend_result_type(inputs.dtype)
         x = ops.cast(inputs, dtype)
         xf = _tokens(x, self.data_format)  # (B, N, C)
-        energy = ops.matmul(ops.transpose(xf, (0, 2, 1)), xf)  # (B, C, C)
+        energy = _bmm(ops.transpose(xf, (0, 2, 1)), xf)  # (B, C, C)
         energy_new = ops.max(energy, axis=-1, keepdims=True) - energy
         attention = ops.softmax(energy_new, axis=-1)
-        out = _untokens(ops.matmul(xf, ops.transpose(attention, (0, 2, 1))), x, self.data_format)
+        out = _untokens(_bmm(xf, ops.transpose(attention, (0, 2, 1))), x, self.data_format)
         y = ops.cast(self.gamma, dtype) * out + x
         return ops.cast(y, self.compute_dtype)
 

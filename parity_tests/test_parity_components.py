@@ -38,14 +38,17 @@ def test_layer_outputs_gradients_and_batchnorm_match(component, size):
     _assert_rows(rows)
 
 
+@pytest.mark.parametrize("component", ["pam", "cam", "head"])
+def test_layers_agree_to_float64_rounding_in_float64(component):
+    """In float64 both frameworks compute the same function to ~1e-13: the math is identical."""
+    _assert_rows(harness.run_component(component, size=(7, 9), device=DEVICE, dtype="float64"))
+
+
 @pytest.mark.parametrize("component, size", [("danet50", (65, 65)), ("danet101", (97, 129))])
 def test_danet_outputs_match(component, size):
     _assert_rows(harness.run_component(component, size=size, batch=1, device=DEVICE, gradients=False))
 
 
-@pytest.mark.skipif(BACKEND == "torch", reason="Keras 3.15's torch backend computes ops.matmul of float64 "
-                    "inputs in float32 (keras/src/backend/common/dtypes.py BIT64_TO_BIT32_DTYPE); float64 "
-                    "gradient parity is proven on TensorFlow and JAX")
 def test_danet50_gradients_and_batchnorm_match_in_float64():
     rows = harness.run_component("danet50", size=(33, 33), batch=1, device=DEVICE)
     assert sum(r.output.startswith("d/d pretrained.") for r in rows) == 159

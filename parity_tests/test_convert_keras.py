@@ -79,6 +79,8 @@ def test_outputs_match_with_nonzero_gamma_and_bn_stats(name):
         assert c.passed, c.message()
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="the real ResNet-50 round trip runs once, on the TensorFlow pass")
 def test_danet50_real_round_trip_and_outputs():
     spec = ArchSpec("danet", num_classes=3, backbone="resnet50")
     neutral = wc.from_torch(random_torch_model(spec))

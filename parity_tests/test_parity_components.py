@@ -33,8 +33,12 @@ def _assert_rows(rows):
 @pytest.mark.parametrize("component", ["pam", "cam", "dual_attention", "head"])
 @pytest.mark.parametrize("size", [(9, 11), (1, 1)])
 def test_layer_outputs_gradients_and_batchnorm_match(component, size):
-    rows = harness.run_component(component, size=size, batch=3 if size == (1, 1) else 2, device=DEVICE)
-    assert any(r.output.startswith("d/d gamma") or r.output.endswith("gamma") for r in rows)
+    # At 1x1 BatchNorm's batch statistics come from 3 numbers: its float32
+    # gradients are noise-dominated, so that size checks outputs only.
+    one_pixel = size == (1, 1)
+    rows = harness.run_component(component, size=size, batch=3 if one_pixel else 2, device=DEVICE,
+                                 gradients=not one_pixel)
+    assert one_pixel or any(r.output.endswith("gamma") for r in rows)
     _assert_rows(rows)
 
 
@@ -44,9 +48,15 @@ def test_layers_agree_to_float64_rounding_in_float64(component):
     _assert_rows(harness.run_component(component, size=(7, 9), device=DEVICE, dtype="float64"))
 
 
-@pytest.mark.parametrize("component, size", [("danet50", (65, 65)), ("danet101", (97, 129))])
-def test_danet_outputs_match(component, size):
-    _assert_rows(harness.run_component(component, size=size, batch=1, device=DEVICE, gradients=False))
+def test_danet50_outputs_match_in_float32():
+    _assert_rows(harness.run_component("danet50", size=(65, 65), batch=1, device=DEVICE, gradients=False))
+
+
+def test_danet101_outputs_match_in_float64():
+    """DANet-101 with random weights is ill-conditioned in float32: torch float32 itself is 3.5e-2 off
+    torch float64 on outputs of magnitude 86 at 97x129. In float64 both frameworks must agree tightly."""
+    _assert_rows(harness.run_component("danet101", size=(97, 129), batch=1, device=DEVICE, dtype="float64",
+                                       gradients=False))
 
 
 def test_danet50_gradients_and_batchnorm_match_in_float64():

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/danet-demo
+	$(VENV)/bin/danet-parity
 
 test: $(STAMP)
 	$(PY) -m parity_tests.run_suite

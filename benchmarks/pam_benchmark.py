@@ -31,6 +31,28 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _rss_peak_of(fn, x) -> float:
+    """Peak resident memory (MiB) that ``fn(x)`` adds above this process's peak so far."""
+    base = _rss_mib()
+    fn(x)
+    return _rss_mib() - base
+
+
+def _measure(run, make, args, peak_of) -> dict:
+    """Warm up on a tiny input, take the first full-size call's peak memory, then time repeats."""
+    run(make(8))
+    x = make(args.size)
+    peak = peak_of(run, x)
+    for _ in range(args.warmup):
+        run(x)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - start)
+    return {"ms": statistics.median(times) * 1e3, "peak_mib": peak}
+
+
 def _case_torch(args) -> dict:
     import torch
 
@@ -57,25 +79,15 @@ def _case_torch(args) -> dict:
     def make(h):
         return torch.randn(args.batch, args.channels, h, h, device=device, dtype=dtype, requires_grad=backward)
 
-    run(make(8))
-    x = make(args.size)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run(x)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        def peak_of(fn, x):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn(x)
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        base = _rss_mib()
-        run(x)
-        peak = _rss_mib() - base
-    for _ in range(args.warmup):
-        run(x)
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return {"ms": statistics.median(times) * 1e3, "peak_mib": peak, "versions": f"torch {torch.__version__}"}
+        peak_of = _rss_peak_of
+    return _measure(run, make, args, peak_of) | {"versions": f"torch {torch.__version__}"}
 
 
 def _case_keras(args) -> dict:
@@ -101,20 +113,8 @@ def _case_keras(args) -> dict:
         y = pam(x)
         keras.ops.convert_to_numpy(keras.ops.sum(y))
 
-    run(make(8))
-    x = make(args.size)
-    base = _rss_mib()
-    run(x)
-    peak = _rss_mib() - base
-    for _ in range(args.warmup):
-        run(x)
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return {"ms": statistics.median(times) * 1e3, "peak_mib": peak,
-            "versions": f"keras {keras.__version__} ({keras.backend.backend()})"}
+    return _measure(run, make, args, _rss_peak_of) | {
+        "versions": f"keras {keras.__version__} ({keras.backend.backend()})"}
 
 
 def _one_case(args) -> None:

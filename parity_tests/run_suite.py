@@ -6,6 +6,7 @@ process (``KERAS_BACKEND``). Usage::
     python -m parity_tests.run_suite [--backends tensorflow,jax,torch] [pytest args...]
 
 The first backend runs every test; the others run the tests marked ``keras``.
+Tests marked ``slow`` run only with ``--slow``.
 Exits non-zero if any run fails; the last line totals all runs.
 """
 
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="tensorflow,jax,torch",
                         help="comma-separated Keras backends (default: %(default)s); missing ones are skipped")
+    parser.add_argument("--slow", action="store_true",
+                        help="also run the tests marked `slow` (minutes each on 2 cores; outside CI's budget)")
     args, pytest_args = parser.parse_known_args(argv)
     here = str(Path(__file__).resolve().parent)
     backends = [b for b in args.backends.split(",") if b]
@@ -40,8 +43,11 @@ def main(argv=None) -> int:
             print(f"== Keras backend {backend}: not installed, skipped", flush=True)
             continue
         cmd = [sys.executable, "-m", "pytest", here, "-p", "no:cacheprovider", *pytest_args]
-        if not first:
-            cmd += ["-m", "keras"]
+        marks = [] if first else ["keras"]
+        if not args.slow:
+            marks.append("not slow")
+        if marks:
+            cmd += ["-m", " and ".join(marks)]
         print(f"== Keras backend {backend}: {' '.join(cmd[2:])}", flush=True)
         env = dict(os.environ, KERAS_BACKEND=backend)
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

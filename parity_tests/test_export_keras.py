@@ -161,3 +161,40 @@ def test_jit_compile_matches_eager(name):
     got = _outs(model.predict(x, verbose=0, batch_size=x.shape[0]))
     worst = _check(f"jit_compile {name} ({keras.backend.backend()})", got, _outs(model(x, training=False)))
     print(f"{name}: jit_compile vs eager max|diff| = {worst:.3e}")
+
+
+@tf_only
+@pytest.mark.slow  # ~100 s on 2 cores: outside `make test`; `python -m parity_tests.run_suite --slow` runs it
+def test_danet50_keras_onnx_and_saved_model_match(tmp_path):
+    """The whole DANet-50 (small, odd sizes): Keras -> ONNX and -> SavedModel, and against torch's ONNX."""
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from weights_convert.io_onnx import write_onnx
+
+    spec = wc.ArchSpec(arch="danet", num_classes=3, backbone="resnet50")
+    neutral = _neutral(spec)
+    layer = wc.to_keras(neutral, spec)
+    inp = keras.Input((None, None, 3), name="input")
+    model = keras.Model(inp, layer(inp, training=False))
+    model(np.zeros((1, 33, 33, 3), "float32"))
+    model.export(str(tmp_path / "sm"), format="tf_saved_model", verbose=False)
+    reloaded = tf.saved_model.load(str(tmp_path / "sm"))
+    write_onnx(neutral, spec, tmp_path / "keras.onnx", framework="keras", data_format="channels_last")
+    write_onnx(neutral, spec, tmp_path / "torch.onnx", framework="torch")
+    keras_onnx = ort.InferenceSession(str(tmp_path / "keras.onnx"))
+    torch_onnx = ort.InferenceSession(str(tmp_path / "torch.onnx"))
+    rng = np.random.default_rng(3)
+    worst = [0.0, 0.0, 0.0]
+    for shape in ((1, 33, 33, 3), (2, 41, 29, 3)):
+        x = rng.standard_normal(shape).astype("float32")
+        eager = _outs(model(x))
+        nhwc = keras_onnx.run(None, {"input": x})
+        from_torch = torch_onnx.run(None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})
+        worst = [max(w, d) for w, d in zip(worst, (
+            _check(f"DANet-50 SavedModel at {shape}", _outs(reloaded.serve(x)), eager, scope="model"),
+            _check(f"DANet-50 onnx(keras) at {shape}", nhwc, eager, scope="model"),
+            _check(f"DANet-50 onnx(torch) vs onnx(keras) at {shape}", [o.transpose(0, 3, 1, 2) for o in nhwc],
+                   from_torch, scope="model")))]
+    print("DANet-50 max|diff|: SavedModel vs Keras {:.3e}, onnx(keras) vs Keras {:.3e}, "
+          "onnx(torch) vs onnx(keras) {:.3e}".format(*worst))

@@ -74,7 +74,6 @@ def test_onnx_components_match_torch_at_new_sizes(name, tmp_path):
     print(f"{name}: onnxruntime vs torch max|diff| = {worst:.3e}")
 
 
-@pytest.mark.slow
 def test_onnx_danet50_matches_torch_at_new_size(tmp_path):
     module = randomize_(dt.DANet(3, backbone="resnet50"), seed=4).eval()
     path = tmp_path / "danet50.onnx"

@@ -92,3 +92,39 @@ def test_danet_bad_arguments():
         dk.DANet(3, multi_grid=(1, 2))
     with pytest.raises(ValueError, match="`num_classes`"):
         dk.DANet(0)
+
+
+def test_danet_channels_first_equals_channels_last(rng):
+    torch = pytest.importorskip("torch")
+    import danet_torch
+
+    tm = danet_torch.DANet(3, backbone="resnet50", output_stride=16).eval()
+    _randomise_torch(tm, torch)
+    sd = _torch_state_dict(tm)
+    models = {}
+    for fmt in ("channels_last", "channels_first"):
+        km = dk.DANet(3, backbone="resnet50", output_stride=16, data_format=fmt)
+        km.build((None, 3, None, None) if fmt == "channels_first" else (None, None, None, 3))
+        set_torch_weights(km, sd)
+        models[fmt] = km
+    x = rng.normal(0, 1, (1, 3, 31, 27)).astype("float32")
+    last = models["channels_last"](np.transpose(x, (0, 2, 3, 1)), training=False)
+    first = models["channels_first"](x, training=False)
+    for name, a, b in zip(("fused", "pam", "cam"), first, last):
+        assert tuple(a.shape) == (1, 3, 31, 27)
+        check(f"DANet50 channels_first vs last .{name}", keras.ops.convert_to_numpy(a), nchw(b), scope="model")
+
+
+def test_danet_model_reloads_from_keras_file(tmp_path, rng):
+    km = dk.DANet(3, backbone="resnet50", output_stride=32, multi_grid=None)
+    x = rng.normal(0, 1, (1, 35, 33, 3)).astype("float32")
+    km(x)
+    for v in km.variables:
+        if v.path.endswith("gamma") and tuple(v.shape) == (1,):
+            v.assign(np.array([0.5], "float32"))
+    expected = [keras.ops.convert_to_numpy(t) for t in km(x, training=False)]
+    km.save(tmp_path / "danet.keras")
+    reloaded = keras.models.load_model(tmp_path / "danet.keras")
+    got = [keras.ops.convert_to_numpy(t) for t in reloaded(x, training=False)]
+    for e, g in zip(expected, got):
+        assert np.array_equal(e, g)

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         if importlib.util.find_spec(BACKEND_MODULES[backend]) is None:
             print(f"== Keras backend {backend}: not installed, skipped", flush=True)
             continue
-        cmd = [sys.executable, "-m", "pytest", here, "-p", "no:cacheprovider", *pytest_args]
+        cmd = [sys.executable, "-m", "pytest", here, "-p", "no:cacheprovider", "-rs", *pytest_args]
         marks = [] if first else ["keras"]
         if not args.slow:
             marks.append("not slow")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["check_positive_int", "check_fused", "check_shape", "standardize_data_format"]
+import os
+
+__all__ = ["check_positive_int", "check_fused", "check_shape", "standardize_data_format", "env_allows_fused"]
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -42,3 +44,8 @@ def standardize_data_format(data_format) -> str:
     if value not in ("channels_last", "channels_first"):
         raise ValueError(f"`data_format` must be 'channels_last' or 'channels_first', got {data_format!r}.")
     return value
+
+
+def env_allows_fused() -> bool:
+    """``DANET_FUSED_ATTN=0`` (or false/no/off) turns the automatic efficient PAM path off."""
+    return os.environ.get("DANET_FUSED_ATTN", "1").lower() not in ("0", "false", "no", "off")

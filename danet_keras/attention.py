@@ -20,12 +20,10 @@ to the official path. ``DANET_FUSED_ATTN=0`` turns automatic selection off.
 
 from __future__ import annotations
 
-import os
-
 import keras
 from keras import ops
 
-from ._checks import check_fused, check_positive_int, check_shape, standardize_data_format
+from ._checks import check_fused, check_positive_int, check_shape, env_allows_fused, standardize_data_format
 from .layers import Conv2d, backend_result_type
 
 __all__ = [
@@ -187,8 +185,7 @@ class PositionAttention(_Attention):
         n = q.shape[1]
         if self.fused is False or not isinstance(n, int):
             return "plain"
-        if self.fused is None and (n < MIN_FUSED_POSITIONS or
-                                   os.environ.get("DANET_FUSED_ATTN", "1").lower() in ("0", "false", "no", "off")):
+        if self.fused is None and (n < MIN_FUSED_POSITIONS or not env_allows_fused()):
             return "plain"
         half = keras.backend.standardize_dtype(q.dtype) in ("float16", "bfloat16")
         if half and v.shape[-1] % q.shape[-1] == 0 and _gpu_available():

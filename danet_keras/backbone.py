@@ -7,7 +7,7 @@ from typing import Sequence
 import keras
 
 from ._checks import check_positive_int, check_shape, standardize_data_format
-from .layers import BatchNorm, Conv2d, MaxPool2d, spatial_axes
+from .layers import BatchNorm, Conv2d, MaxPool2d, spatial_axes, with_channels
 
 __all__ = ["Bottleneck", "DilatedResNet", "resnet50", "resnet101", "layer_dilations", "DEPTHS"]
 
@@ -42,12 +42,6 @@ def layer_dilations(blocks: Sequence[int], output_stride: int, multi_grid: Seque
                              f"got {tuple(multi_grid)!r}.")
         l4 = (l4[0], multi_grid)
     return [(1, [1] * n1), (2, [1] * n2), l3, l4]
-
-
-def _with_channels(shape, channels, data_format):
-    shape = list(shape)
-    shape[spatial_axes(data_format)[2]] = channels
-    return tuple(shape)
 
 
 @keras.saving.register_keras_serializable(package="danet")
@@ -110,7 +104,7 @@ class Bottleneck(keras.layers.Layer):
         return self.relu(out + identity)
 
     def compute_output_shape(self, input_shape):
-        shape = list(_with_channels(input_shape, 4 * self.planes, self.data_format))
+        shape = list(with_channels(input_shape, 4 * self.planes, self.data_format))
         for ax in spatial_axes(self.data_format)[:2]:
             if shape[ax] is not None:
                 shape[ax] = (shape[ax] - 1) // self.stride + 1
@@ -208,7 +202,7 @@ class DilatedResNet(keras.layers.Layer):
         strides.append(strides[-1] * self._stages[3][0])
         out = []
         for channels, stride in zip((256, 512, 1024, 2048), strides):
-            shape = list(_with_channels(input_shape, channels, self.data_format))
+            shape = list(with_channels(input_shape, channels, self.data_format))
             for ax in (h_ax, w_ax):
                 if shape[ax] is not None:
                     size = shape[ax]

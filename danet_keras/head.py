@@ -6,7 +6,7 @@ import keras
 
 from ._checks import check_fused, check_positive_int, check_shape, standardize_data_format
 from .attention import ChannelAttention, PositionAttention
-from .layers import BatchNorm, Conv2d, spatial_axes
+from .layers import BatchNorm, Conv2d, spatial_axes, with_channels
 
 __all__ = ["DualAttention", "DANetHead", "conv_bn_relu"]
 
@@ -19,12 +19,6 @@ def conv_bn_relu(filters: int, name: str, data_format: str, dtype) -> keras.Sequ
         BatchNorm(axis=axis, dtype=dtype, name="1"),
         keras.layers.ReLU(dtype=dtype, name="2"),
     ], name=name)
-
-
-def _with_channels(shape, channels: int, data_format: str):
-    shape = list(shape)
-    shape[spatial_axes(data_format)[2]] = channels
-    return tuple(shape)
 
 
 @keras.saving.register_keras_serializable(package="danet")
@@ -85,7 +79,7 @@ class DualAttention(keras.layers.Layer):
         self.sc = ChannelAttention(name="sc", **kw)
         self.conv51 = conv_bn_relu(out, "conv51", **kw)
         self.conv52 = conv_bn_relu(out, "conv52", **kw)
-        inter_shape = _with_channels(input_shape, inter, self.data_format)
+        inter_shape = with_channels(input_shape, inter, self.data_format)
         for layer, shape in ((self.conv5a, input_shape), (self.conv5c, input_shape), (self.sa, inter_shape),
                              (self.sc, inter_shape), (self.conv51, inter_shape), (self.conv52, inter_shape)):
             layer.build(shape)
@@ -105,7 +99,7 @@ class DualAttention(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         c = self._check(input_shape)
-        return _with_channels(input_shape, self._sizes(c)[1], self.data_format)
+        return with_channels(input_shape, self._sizes(c)[1], self.data_format)
 
     def get_config(self):
         config = super().get_config()
@@ -162,7 +156,7 @@ class DANetHead(DualAttention):
                 keras.layers.SpatialDropout2D(self.dropout, data_format=axis_f, dtype=self.dtype_policy, name="0"),
                 Conv2d(self.num_classes, 1, data_format=axis_f, dtype=self.dtype_policy, name="1"),
             ], name=name)
-            seq.build(_with_channels(input_shape, inter, self.data_format))
+            seq.build(with_channels(input_shape, inter, self.data_format))
             setattr(self, name, seq)
 
     def call(self, inputs, training=None):
@@ -172,7 +166,7 @@ class DANetHead(DualAttention):
 
     def compute_output_shape(self, input_shape):
         self._check(input_shape)
-        shape = _with_channels(input_shape, self.num_classes, self.data_format)
+        shape = with_channels(input_shape, self.num_classes, self.data_format)
         return shape, shape, shape
 
     def get_config(self):

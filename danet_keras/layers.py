@@ -22,12 +22,19 @@ from keras import ops
 
 from ._checks import standardize_data_format
 
-__all__ = ["Conv2d", "BatchNorm", "MaxPool2d", "resize_bilinear_align_corners", "spatial_axes"]
+__all__ = ["Conv2d", "BatchNorm", "MaxPool2d", "resize_bilinear_align_corners", "spatial_axes", "with_channels"]
 
 
 def spatial_axes(data_format: str) -> tuple[int, int, int]:
     """``(h_axis, w_axis, channel_axis)`` of a 4-D tensor in ``data_format``."""
     return (2, 3, 1) if data_format == "channels_first" else (1, 2, 3)
+
+
+def with_channels(shape, channels: int, data_format: str) -> tuple:
+    """``shape`` with its channel axis set to ``channels``."""
+    shape = list(shape)
+    shape[spatial_axes(data_format)[2]] = channels
+    return tuple(shape)
 
 
 def _pad_spatial(x, pad: int, data_format: str, value=0.0):

@@ -19,4 +19,5 @@ __all__ = [
     "resnet101",
     "DANet",
     "danet_loss",
+    "fused",
 ]

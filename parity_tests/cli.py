@@ -148,8 +148,11 @@ def main(argv=None) -> int:
     if args.worker_out:
         try:
             return _worker(args)
-        except (ValueError, OSError) as e:  # ConvertError is a ValueError
+        except (ValueError, OSError) as e:  # ConvertError is a ValueError: unreadable or unusable weights
             print(f"danet-parity: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # noqa: BLE001 - a crash is not a mismatch: never exit 1 for it
+            print(f"danet-parity: unexpected {type(e).__name__}: {e}", file=sys.stderr)
             return 2
     for flag in ("torch_weights", "keras_weights"):
         path = getattr(args, flag)
@@ -178,9 +181,9 @@ def main(argv=None) -> int:
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
             print(f"danet-parity: running Keras on {backend} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            if proc.returncode != 0 or not os.path.exists(out):
+            if proc.returncode != 0 or not os.path.exists(out):  # no rows: the worker failed, not parity
                 sys.stderr.write(proc.stderr[-4000:])
-                return 2 if proc.returncode == 2 else 1
+                return 2
             with open(out) as fh:
                 rows += json.load(fh)
     print("\n".join(_summarise(rows, args.verbose)))

@@ -87,3 +87,16 @@ def test_damaged_files_are_refused(ext, tmp_path, capsys):
 def test_damaged_keras_files_are_refused(ext, tmp_path, capsys):
     pytest.importorskip("keras")
     _fuzz(ext, tmp_path, capsys)
+
+
+def test_npz_with_object_arrays_is_refused_without_unpickling(tmp_path, capsys):
+    src = tmp_path / "objects.npz"
+    arrays = {k: v for k, v in _neutral().items()}
+    first = next(iter(arrays))
+    arrays[first] = np.array([{"payload": 1}], dtype=object)  # loading it would need pickle
+    np.savez(src, **arrays)
+    dst = tmp_path / "out.pth"
+    assert cli.main([str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "pickled object arrays" in err and "allow_pickle=False" in err
+    assert not dst.exists() and not list(tmp_path.glob(".out.pth.tmp-*"))

@@ -26,6 +26,16 @@ def check_destination(src, dst, force: bool) -> Path:
     return dst
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_target(dst, suffix: str):
     """Yield a temporary path ``.{name}.tmp-XXXX{suffix}`` beside ``dst``; on success rename it to ``dst``.
@@ -42,7 +52,10 @@ def atomic_target(dst, suffix: str):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
+        with open(tmp, "rb") as fh:  # on disk before the rename, so a crash cannot leave a short DST
+            os.fsync(fh.fileno())
         os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

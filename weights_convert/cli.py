@@ -155,6 +155,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("danet-convert: interrupted; DST not written", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - never let a crash read as exit 1 ("verify above tolerance")
+        print(f"danet-convert: error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

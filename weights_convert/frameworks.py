@@ -15,8 +15,7 @@ from .infer import infer_arch
 from .mapping import from_keras_layout, keras_table, resolve_keras, to_keras_layout
 from .neutral import numpy_to_tensor, tensor_to_numpy
 
-__all__ = ["build_torch", "build_keras", "to_torch", "from_torch", "to_keras", "from_keras", "spec_from_keras",
-           "keras_input_shape"]
+__all__ = ["build_torch", "build_keras", "to_torch", "from_torch", "to_keras", "from_keras", "spec_from_keras"]
 
 KERAS_CLASSES = {"PositionAttention": "pam", "ChannelAttention": "cam", "DualAttention": "dual_attention",
                  "DANetHead": "head", "DANet": "danet"}
@@ -64,11 +63,6 @@ def to_torch(neutral, arch: ArchSpec | None = None, allow_partial: bool = False)
 
 
 # -- Keras ---------------------------------------------------------------------------------------
-def keras_input_shape(spec: ArchSpec, size: int = 8, batch: int = 1, data_format: str = "channels_last"):
-    channels = 3 if spec.arch == "danet" else (spec.channels or 8)
-    return (batch, channels, size, size) if data_format == "channels_first" else (batch, size, size, channels)
-
-
 def build_keras(spec: ArchSpec, data_format: str | None = None):
     """The ``danet_keras`` layer of ``spec``, built (its variables exist), in ``spec.dtype``.
 
@@ -101,12 +95,8 @@ def build_keras(spec: ArchSpec, data_format: str | None = None):
     return layer
 
 
-def _keras_weights(layer):
-    return [v for v in layer.weights]
-
-
 def _check_coverage(layer, assigned_ids, spec):
-    left = [v.path for v in _keras_weights(layer) if id(v) not in assigned_ids]
+    left = [v.path for v in layer.weights if id(v) not in assigned_ids]
     if left:
         raise ConvertError(f"The Keras {type(layer).__name__} ({spec.describe()}) has {len(left)} weight(s) the "
                            f"name table does not cover: {left[:5]}; the mirror rule is broken.")

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .errors import CorruptFileError
+from .errors import ConvertError, CorruptFileError
 
 __all__ = ["read_safetensors", "write_safetensors", "read_npz", "write_npz", "METADATA_KEY"]
 
@@ -90,7 +90,7 @@ def read_npz(path):
 def write_npz(neutral, path, metadata: str | None = None):
     arrays = OrderedDict((k, np.asarray(v)) for k, v in neutral.items())
     if any(a.dtype.name == "bfloat16" for a in arrays.values()):
-        raise ValueError("`.npz` cannot hold bfloat16 portably; write .safetensors or .pth instead.")
+        raise ConvertError("`.npz` cannot hold bfloat16 portably; write .safetensors or .pth instead.")
     if metadata:
         arrays[NPZ_METADATA] = np.array(metadata)
     with open(path, "wb") as f:  # a file object: numpy would append ".npz" to a path

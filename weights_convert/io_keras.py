@@ -157,7 +157,10 @@ def read_weights_h5(path, overrides: dict | None = None):
     import json
 
     rows, meta = _h5_datasets(path)
-    fields = json.loads(meta) if meta else infer_h5(rows)
+    try:
+        fields = json.loads(meta) if meta else infer_h5(rows)
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"{str(path)!r} has a corrupt `danet_arch` attribute (not JSON: {e}).") from e
     fields.update({k: v for k, v in (overrides or {}).items() if v is not None or k == "multi_grid"})
     dtype = _h5_dtype(path)
     fields.setdefault("dtype", dtype)

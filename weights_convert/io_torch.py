@@ -43,7 +43,7 @@ def _to_numpy(obj):
     return obj
 
 
-def write_pth(neutral, path, metadata: str | None = None):
+def write_pth(neutral, path):
     """``torch.save`` a plain state_dict (an ordered dict of tensors) to ``path``."""
     import torch
 

@@ -11,15 +11,9 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["Neutral", "make_neutral", "contiguous", "tensor_to_numpy", "numpy_to_tensor", "float_dtype", "summary"]
+__all__ = ["Neutral", "contiguous", "tensor_to_numpy", "numpy_to_tensor", "float_dtype", "summary"]
 
 Neutral = OrderedDict  # OrderedDict[str, np.ndarray]
-
-
-def make_neutral(items) -> "OrderedDict[str, np.ndarray]":
-    """An ordered copy of ``items`` (a mapping or pairs) with NumPy array values."""
-    pairs = items.items() if isinstance(items, Mapping) else items
-    return OrderedDict((str(k), np.asarray(v)) for k, v in pairs)
 
 
 def tensor_to_numpy(t) -> np.ndarray:

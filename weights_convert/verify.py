@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arch import ArchSpec
+from .errors import ConvertError
 
 __all__ = ["run_model", "verify"]
 
@@ -54,7 +55,7 @@ def verify(src_neutral, src_spec, src_framework, dst_neutral, dst_spec, dst_fram
     a = run_model(src_neutral, src_spec, src_framework, x)
     b = run_model(dst_neutral, dst_spec, dst_framework, x)
     if len(a) != len(b):
-        raise ValueError(f"the models give {len(a)} and {len(b)} outputs")
+        raise ConvertError(f"the models give {len(a)} and {len(b)} outputs")
     names = ["fused", "pam", "cam"] if len(a) == 3 else [f"output{i}" for i in range(len(a))]
     scope = "model" if src_spec.arch == "danet" else "layer"
     tol = tolerance(src_spec.dtype, scope)

@@ -78,13 +78,9 @@ def keras_device() -> str:
     return "cpu"
 
 
-def in_channels(spec) -> int:
-    return 3 if spec.arch == "danet" else spec.channels
-
-
 def make_input(spec, size, batch: int = 2, seed: int = 0) -> np.ndarray:
     """A seeded NCHW float64 input for ``spec``."""
-    return np.random.default_rng(seed).standard_normal((batch, in_channels(spec), *size))
+    return np.random.default_rng(seed).standard_normal((batch, spec.input_channels, *size))
 
 
 def nhwc(a):

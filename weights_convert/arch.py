@@ -94,6 +94,11 @@ class ArchSpec:
         out.notes = list(self.notes)
         return out
 
+    @property
+    def input_channels(self):
+        """Channels of the model's input: 3 (RGB) for DANet, else ``channels`` (``None`` for an unchecked CAM)."""
+        return 3 if self.arch == "danet" else self.channels
+
     def describe(self) -> str:
         if self.arch == "danet":
             stem = "deep stem" if self.deep_stem else "7x7 stem"

@@ -90,7 +90,7 @@ def build_keras(spec: ArchSpec, data_format: str | None = None):
         layer = dk.DANet(spec.num_classes, backbone=spec.backbone, output_stride=spec.output_stride,
                          deep_stem=spec.deep_stem, multi_grid=spec.multi_grid, **kw)
     fmt = getattr(layer, "data_format", "channels_last")
-    c = 3 if spec.arch == "danet" else spec.channels
+    c = spec.input_channels
     layer.build((None, c, None, None) if fmt == "channels_first" else (None, None, None, c))
     return layer
 

@@ -37,7 +37,7 @@ def example_size(spec: ArchSpec) -> int:
 
 
 def _channels(spec: ArchSpec) -> int:
-    return 3 if spec.arch == "danet" else (spec.channels or 8)
+    return spec.input_channels or 8
 
 
 def _output_names(spec: ArchSpec) -> list[str]:

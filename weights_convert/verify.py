@@ -14,7 +14,7 @@ KERAS_FORMATS = ("keras", "keras_weights")
 
 def _input(spec: ArchSpec, seed: int, size: int | None):
     rng = np.random.default_rng(seed)
-    channels = 3 if spec.arch == "danet" else (spec.channels or 8)
+    channels = spec.input_channels or 8
     size = size or (33 if spec.arch == "danet" else 8)
     return rng.standard_normal((1, channels, size, size))
 

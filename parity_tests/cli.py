@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.tolerances:
-        from parity_tests.tolerances import table_markdown
+        from weights_convert.tolerances import table_markdown
 
         print(table_markdown())
         return 0

@@ -3,7 +3,7 @@
 The harness only *uses* the conversion path (``weights_convert``): it has no
 name map of its own. Inputs are NCHW for torch and the same array transposed
 to NHWC for Keras; Keras outputs are transposed back before comparing. All
-tolerances come from :mod:`parity_tests.tolerances`.
+tolerances come from :mod:`weights_convert.tolerances`.
 
 This module imports Keras, so the backend is the one ``KERAS_BACKEND`` named
 when the process started (the CLI and the suite start one process per backend).
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 import weights_convert as wc
-from weights_convert.frameworks import build_torch
 from parity_tests import reference as ref
-from parity_tests._torch_utils import randomize_
 from parity_tests.keras_grad import keras_loss_and_grads
-from parity_tests.tolerances import compare, tolerance
+from weights_convert.frameworks import build_torch
+from weights_convert.testing import randomize_
+from weights_convert.tolerances import compare, tolerance
 
 __all__ = ["Row", "COMPONENTS", "make_input", "make_pair", "keras_device", "forward_rows", "gradient_rows",
            "reference_outputs", "run_component"]
@@ -252,7 +252,7 @@ def run_component(component, spec=None, size=None, batch=2, seed=0, dtype="float
 
     Gradients are compared in float32 for the attention layers and in
     float64 for a whole DANet, whose float32 gradients are ill-conditioned
-    (see :mod:`parity_tests.tolerances`).
+    (see :mod:`weights_convert.tolerances`).
     """
     default_spec, default_size = COMPONENTS.get(component, (None, (9, 11)))
     spec = spec or default_spec

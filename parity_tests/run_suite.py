@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--slow", action="store_true",
                         help="also run the tests marked `slow` (minutes each on 2 cores; outside CI's budget)")
     args, pytest_args = parser.parse_known_args(argv)
-    here = str(Path(__file__).resolve().parent)
+    here = str(Path(__file__).resolve().parent / "tests")
     backends = [b for b in args.backends.split(",") if b]
     bad = [b for b in backends if b not in BACKEND_MODULES]
     if bad:

@@ -163,7 +163,7 @@ def verify_onnx(neutral, spec: ArchSpec, path, seed: int = 0, size: int | None =
     One seeded float32 NCHW input (``size`` default 33 for DANet, 8 otherwise:
     not the size traced at export, so the dynamic axes are exercised too),
     tolerance ``tolerance("float32", "model" if DANet else "layer")`` from
-    ``parity_tests.tolerances``. The torch model runs in float32 whatever
+    ``weights_convert.tolerances``. The torch model runs in float32 whatever
     ``spec.dtype`` (the ONNX file is float32). Only NCHW files (the default).
 
     Raises:
@@ -171,7 +171,7 @@ def verify_onnx(neutral, spec: ArchSpec, path, seed: int = 0, size: int | None =
     """
     import numpy as np
 
-    from parity_tests.tolerances import compare, tolerance
+    from .tolerances import compare, tolerance
 
     from .verify import _input, run_model
 

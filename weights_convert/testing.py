@@ -9,7 +9,7 @@ import numpy as np
 from .arch import ArchSpec
 from .importers import MMSEG_HEAD_MAP, MMSEG_STEM_MAP
 
-__all__ = ["random_torch_model", "to_mmseg_names", "SMALL_SPECS"]
+__all__ = ["randomize_", "random_torch_model", "to_mmseg_names", "SMALL_SPECS"]
 
 # Every architecture, with small channel counts where the architecture allows.
 SMALL_SPECS = {
@@ -21,23 +21,37 @@ SMALL_SPECS = {
 }
 
 
-def random_torch_model(spec: ArchSpec, seed: int = 0):
-    """``spec``'s torch model with random weights, non-zero gammas and non-default BatchNorm statistics."""
+def randomize_(module, seed: int = 0, gamma: float | None = None):
+    """Give every parameter and BatchNorm statistic of a torch ``module`` non-default random values, in place.
+
+    Weights ``N(0, 1/fan_in)``; BatchNorm running means ``N(0, 0.01)``,
+    variances in ``[0.5, 1.5)``, ``num_batches_tracked`` in ``[1, 1000)``;
+    the attention gammas ``gamma`` if given, else uniform in ``[0.5, 1.5)``.
+    Returns ``module``.
+    """
     import torch
 
-    torch.manual_seed(seed)
-    model = spec.build_torch()
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for i, m in enumerate(model.modules()):
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(100 + i)
-            elif hasattr(m, "gamma") and isinstance(m.gamma, torch.nn.Parameter):
-                m.gamma.fill_(0.3 + 0.1 * (i % 5))
-    return model
+        for name, p in module.named_parameters():
+            if name.endswith("gamma") and p.numel() == 1:
+                p.fill_(gamma if gamma is not None else 0.5 + torch.rand(1, generator=g).item())
+            else:
+                fan_in = p[0].numel() if p.dim() > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+            elif name.endswith("num_batches_tracked"):
+                b.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
+    return module
+
+
+def random_torch_model(spec: ArchSpec, seed: int = 0):
+    """``spec``'s torch model (eval mode) with :func:`randomize_` weights."""
+    return randomize_(spec.build_torch(), seed=seed)
 
 
 def to_mmseg_names(neutral, stem_channels: int | None = None, aux: bool = True, meta: bool = True):

@@ -48,8 +48,8 @@ def run_model(neutral, spec: ArchSpec, framework: str, x_nchw: np.ndarray) -> li
 
 def verify(src_neutral, src_spec, src_framework, dst_neutral, dst_spec, dst_framework, seed: int = 0,
            size: int | None = None):
-    """``[Comparison]`` of every output of the two models (tolerances from ``parity_tests.tolerances``)."""
-    from parity_tests.tolerances import compare, tolerance
+    """``[Comparison]`` of every output of the two models (tolerances from ``weights_convert.tolerances``)."""
+    from .tolerances import compare, tolerance
 
     x = _input(src_spec, seed, size)
     a = run_model(src_neutral, src_spec, src_framework, x)

@@ -8,8 +8,9 @@ import torch
 
 from danet_torch import CAM_Module, ChannelAttention, PAM_Module, PositionAttention
 from parity_tests import reference as ref
-from parity_tests._torch_utils import randomize_, state_numpy, to_numpy
-from parity_tests.tolerances import compare, tolerance
+from weights_convert.testing import randomize_
+from parity_tests.tests.helpers import state_numpy, to_numpy
+from weights_convert.tolerances import compare, tolerance
 
 SIZES = [(1, 1), (7, 9), (45, 45)]
 

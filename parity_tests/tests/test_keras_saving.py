@@ -13,7 +13,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import danet_keras as dk  # noqa: E402
-from parity_tests.tolerances import compare, tolerance  # noqa: E402
+from weights_convert.tolerances import compare, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.keras
 

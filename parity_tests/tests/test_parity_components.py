@@ -17,7 +17,7 @@ import danet_keras as dk
 import danet_torch as dt
 from parity_tests import harness
 from parity_tests import reference as ref
-from parity_tests.tolerances import compare, tolerance
+from weights_convert.tolerances import compare, tolerance
 
 pytestmark = pytest.mark.keras
 BACKEND = keras.backend.backend()

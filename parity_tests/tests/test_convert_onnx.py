@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 import weights_convert as wc  # noqa: E402
-from parity_tests.tolerances import compare, tolerance  # noqa: E402
+from weights_convert.tolerances import compare, tolerance  # noqa: E402
 from weights_convert.arch import ArchSpec  # noqa: E402
 from weights_convert.cli import main  # noqa: E402
 from weights_convert.io_onnx import example_size  # noqa: E402

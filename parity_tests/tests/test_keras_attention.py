@@ -15,88 +15,11 @@ keras = pytest.importorskip("keras")
 import danet_keras as dk  # noqa: E402
 from danet_keras import attention as dk_attention  # noqa: E402
 from parity_tests import reference as ref  # noqa: E402
-from parity_tests.tolerances import compare, tolerance  # noqa: E402
+from parity_tests.tests.helpers import (check, dual_state_dict, head_state_dict, nchw, nhwc,  # noqa: E402
+                                        pam_state_dict, set_torch_weights)
+from weights_convert.tolerances import compare, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.keras
-
-BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance",
-            "num_batches_tracked": "num_batches_tracked"}
-
-
-def resolve(root, key: str):
-    """Walk a torch state_dict key on a Keras layer: returns ``(keras_variable, is_conv_kernel)``."""
-    *parts, leaf = key.split(".")
-    obj = root
-    for part in parts:
-        obj = obj.layers[int(part)] if part.isdigit() else getattr(obj, part)
-    if isinstance(obj, dk.BatchNorm):
-        return getattr(obj, BN_NAMES[leaf]), False
-    if isinstance(obj, dk.Conv2d):
-        return (obj.kernel, True) if leaf == "weight" else (obj.bias, False)
-    return getattr(obj, leaf), False
-
-
-def set_torch_weights(root, sd) -> None:
-    """Assign a torch-layout state_dict (NumPy arrays) to a built Keras layer."""
-    for key, value in sd.items():
-        var, is_kernel = resolve(root, key)
-        value = np.asarray(value)
-        if is_kernel:
-            value = value.transpose(2, 3, 1, 0)
-        assert tuple(var.shape) == value.shape, f"{key}: keras {tuple(var.shape)} vs torch {value.shape}"
-        var.assign(value.astype(var.dtype))
-
-
-def _conv(rng, o, i, k=1, bias=True):
-    sd = {"weight": rng.normal(0, 1 / np.sqrt(i * k * k), (o, i, k, k))}
-    if bias:
-        sd["bias"] = rng.normal(0, 0.1, (o,))
-    return sd
-
-
-def _bn(rng, c):
-    return {"weight": rng.uniform(0.5, 1.5, c), "bias": rng.normal(0, 0.1, c),
-            "running_mean": rng.normal(0, 0.1, c), "running_var": rng.uniform(0.5, 1.5, c)}
-
-
-def pam_state_dict(rng, c, reduction=8, gamma=0.7, prefix=""):
-    sd = {}
-    for name, o in (("query_conv", c // reduction), ("key_conv", c // reduction), ("value_conv", c)):
-        sd.update({f"{prefix}{name}.{k}": v for k, v in _conv(rng, o, c).items()})
-    sd[f"{prefix}gamma"] = np.array([gamma])
-    return sd
-
-
-def dual_state_dict(rng, c, inter, out, reduction=8, gammas=(0.7, -0.4)):
-    sd = {}
-    for name, i, o in (("conv5a", c, inter), ("conv5c", c, inter), ("conv51", inter, out), ("conv52", inter, out)):
-        sd[f"{name}.0.weight"] = _conv(rng, o, i, 3, bias=False)["weight"]
-        sd.update({f"{name}.1.{k}": v for k, v in _bn(rng, o).items()})
-    sd.update(pam_state_dict(rng, inter, reduction, gammas[0], prefix="sa."))
-    sd["sc.gamma"] = np.array([gammas[1]])
-    return sd
-
-
-def head_state_dict(rng, c, num_classes, reduction=8):
-    inter = c // 4
-    sd = dual_state_dict(rng, c, inter, inter, reduction)
-    for name in ("conv6", "conv7", "conv8"):
-        sd.update({f"{name}.1.{k}": v for k, v in _conv(rng, num_classes, inter).items()})
-    return sd
-
-
-def nhwc(x):
-    return np.transpose(x, (0, 2, 3, 1))
-
-
-def nchw(y):
-    return np.transpose(keras.ops.convert_to_numpy(y), (0, 3, 1, 2))
-
-
-def check(name, actual_nchw, expected, dtype="float32", scope="layer"):
-    result = compare(name, actual_nchw, expected, tolerance(dtype, scope))
-    assert result.passed, result.message()
-
 
 SHAPES = [(1, 16, 7, 5), (2, 24, 9, 11), (3, 32, 6, 13)]
 

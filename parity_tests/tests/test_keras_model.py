@@ -9,7 +9,7 @@ keras = pytest.importorskip("keras")
 
 import danet_keras as dk  # noqa: E402
 from danet_keras.backbone import layer_dilations  # noqa: E402
-from parity_tests.test_keras_attention import check, nchw, resolve, set_torch_weights  # noqa: E402
+from parity_tests.tests.helpers import check, nchw, resolve, set_torch_weights  # noqa: E402
 
 pytestmark = pytest.mark.keras
 

@@ -11,7 +11,7 @@ pytest.importorskip("keras")
 
 pytestmark = pytest.mark.keras
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "unet_dual_attention.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "unet_dual_attention.py"
 
 
 @pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/ not present (installed package)")

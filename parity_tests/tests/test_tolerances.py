@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity_tests.tolerances import TOLERANCES, Tolerance, compare, table_markdown, tolerance
+from weights_convert.tolerances import TOLERANCES, Tolerance, compare, table_markdown, tolerance
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_prints_the_table_from_the_code():

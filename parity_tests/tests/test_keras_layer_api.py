@@ -14,7 +14,7 @@ keras = pytest.importorskip("keras")
 
 import danet_keras as dk  # noqa: E402
 from parity_tests import reference as ref  # noqa: E402
-from parity_tests.test_keras_attention import check, nchw, nhwc  # noqa: E402
+from parity_tests.tests.helpers import check, nchw, nhwc  # noqa: E402
 
 pytestmark = pytest.mark.keras
 

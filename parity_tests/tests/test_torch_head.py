@@ -8,9 +8,10 @@ import torch
 
 from danet_torch import DANetHead, DualAttention
 from parity_tests import reference as ref
-from parity_tests._torch_utils import randomize_, state_numpy, to_numpy
-from parity_tests.official_keys import head_keys
-from parity_tests.tolerances import compare, tolerance
+from weights_convert.testing import randomize_
+from parity_tests.tests.helpers import state_numpy, to_numpy
+from parity_tests.tests.official_keys import head_keys
+from weights_convert.tolerances import compare, tolerance
 
 
 def test_head_state_dict_is_upstreams():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import weights_convert as wc
-from parity_tests.tolerances import compare, tolerance
+from weights_convert.tolerances import compare, tolerance
 
 pytestmark = pytest.mark.keras
 tf_only = pytest.mark.skipif(keras.backend.backend() != "tensorflow",

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from parity_tests import reference as ref  # noqa: E402
-from parity_tests.tolerances import compare, tolerance  # noqa: E402
+from weights_convert.tolerances import compare, tolerance  # noqa: E402
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -61,7 +61,8 @@ def _expect_no_silent_error(name, got, expected, dtype):
 # -- PyTorch ---------------------------------------------------------------------------------------
 torch = pytest.importorskip("torch")
 import danet_torch as dt  # noqa: E402
-from parity_tests._torch_utils import randomize_, state_numpy  # noqa: E402
+from weights_convert.testing import randomize_
+from parity_tests.tests.helpers import state_numpy  # noqa: E402
 
 
 def _torch_modules(dtype):

@@ -18,7 +18,7 @@ from weights_convert.arch import ArchSpec, expected_shapes  # noqa: E402
 from weights_convert.cli import main  # noqa: E402
 from weights_convert.testing import SMALL_SPECS, random_torch_model, to_mmseg_names  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DANET_SPECS = {
     "danet50_deep": ArchSpec("danet", num_classes=5, backbone="resnet50", deep_stem=True),
     "danet101": ArchSpec("danet", num_classes=19),

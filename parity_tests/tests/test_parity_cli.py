@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import weights_convert as wc
-from parity_tests._torch_utils import randomize_
+from weights_convert.testing import randomize_
 
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from danet_torch import PositionAttention, fused
-from parity_tests._torch_utils import randomize_, to_numpy
-from parity_tests.tolerances import compare, tolerance
+from weights_convert.testing import randomize_
+from parity_tests.tests.helpers import to_numpy
+from weights_convert.tolerances import compare, tolerance
 
 
 def _qkv(b, ck, c, n, dtype, seed=0, requires_grad=False):

@@ -8,9 +8,10 @@ import torch
 
 from danet_torch import DANet, DilatedResNet, danet_loss
 from parity_tests import reference as ref
-from parity_tests._torch_utils import randomize_, to_numpy
-from parity_tests.official_keys import danet_keys
-from parity_tests.tolerances import compare, tolerance
+from weights_convert.testing import randomize_
+from parity_tests.tests.helpers import to_numpy
+from parity_tests.tests.official_keys import danet_keys
+from weights_convert.tolerances import compare, tolerance
 
 
 @pytest.mark.parametrize("backbone, depth, n_keys, n_params", [

@@ -16,8 +16,9 @@ import torch
 
 import danet_torch as dt
 from danet_torch import export as dexport
-from parity_tests._torch_utils import randomize_, to_numpy
-from parity_tests.tolerances import compare, tolerance
+from weights_convert.testing import randomize_
+from parity_tests.tests.helpers import to_numpy
+from weights_convert.tolerances import compare, tolerance
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -10,8 +10,12 @@ exported at one size runs at others.
 
 Usage::
 
-    from danet_torch.export import export_onnx
-    used = export_onnx(head, "head.onnx", torch.randn(2, 512, 33, 33))
+    from danet_torch.export import export_onnx, to_onnx
+    model, used = to_onnx(head, torch.randn(2, 512, 33, 33))     # onnx.ModelProto, in memory
+    export_onnx(head, "head.onnx", torch.randn(2, 512, 33, 33))  # the same, saved
+
+Files are written by ``danet-convert`` (atomically, never over an existing
+file without ``--force``), or by :func:`export_onnx`.
 
 Not imported by ``import danet_torch``: import ``danet_torch.export``.
 """
@@ -19,14 +23,13 @@ Not imported by ``import danet_torch``: import ``danet_torch.export``.
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
+import io
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["export_onnx", "output_names", "INPUT_NAME", "DYNAMIC_AXES"]
+__all__ = ["to_onnx", "export_onnx", "output_names", "INPUT_NAME", "DYNAMIC_AXES"]
 
 INPUT_NAME = "input"
 # Axis names of the input; outputs keep batch/height/width (DANet: the input's height/width).
@@ -58,7 +61,7 @@ def _check_example(example_input, dynamic: bool) -> torch.Tensor:
     return example_input
 
 
-def _export_dynamo(module, tmp: Path, x, dynamic, opset, names):
+def _export_dynamo(module, x, dynamic, opset, names):
     dim = torch.export.Dim.DYNAMIC
     shapes = ({a: dim for a in DYNAMIC_AXES},) if dynamic else None
     with warnings.catch_warnings():
@@ -66,19 +69,21 @@ def _export_dynamo(module, tmp: Path, x, dynamic, opset, names):
         program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=names, external_data=False,
                                     optimize=True, verbose=False)
-    program.save(str(tmp), external_data=False)
+    return program.model_proto
 
 
-def _export_legacy(module, tmp: Path, x, dynamic, opset, names):
+def _export_legacy(module, x, dynamic, opset, names) -> bytes:
     axes = None
     if dynamic:
         axes = {INPUT_NAME: dict(DYNAMIC_AXES)}
         axes.update({n: dict(DYNAMIC_AXES) for n in names})
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), str(tmp), dynamo=False, opset_version=opset or LEGACY_OPSET,
+        torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=opset or LEGACY_OPSET,
                           input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes,
                           do_constant_folding=True)
+    return buffer.getvalue()
 
 
 @contextlib.contextmanager
@@ -91,17 +96,15 @@ def _eval_mode(module: torch.nn.Module):
         module.train(training)
 
 
-def export_onnx(module: torch.nn.Module, path, example_input: torch.Tensor, dynamic: bool = True,
-                opset: int | None = None, exporter: str = "auto") -> str:
-    """Write ``module`` as an ONNX file at ``path``, atomically; return the exporter used.
+def to_onnx(module: torch.nn.Module, example_input: torch.Tensor, dynamic: bool = True, opset: int | None = None,
+            exporter: str = "auto"):
+    """Export ``module`` to an in-memory ONNX model; return ``(onnx.ModelProto, exporter used)``.
 
     Args:
         module: A ``danet_torch`` module (PAM, CAM, DualAttention, DANetHead,
             DANet) or any module with one ``(B, C, H, W)`` input. Exported in
             eval mode (BatchNorm running statistics, no dropout); its
             training flag is restored afterwards.
-        path: Destination ``.onnx`` file. Written to a temporary file in the
-            same folder and renamed into place: never left half-written.
         example_input: ``(B, C, H, W)`` tensor to trace with. With
             ``dynamic``, batch 1 is traced as batch 2 (torch.export would
             otherwise fix the batch to 1) and height/width must be >= 2.
@@ -112,44 +115,51 @@ def export_onnx(module: torch.nn.Module, path, example_input: torch.Tensor, dyna
             ``"dynamo"`` or ``"legacy"``.
 
     Returns:
-        ``"dynamo"`` or ``"legacy"``. The input is named ``"input"``; outputs
-        are ``"fused", "pam", "cam"`` for DANetHead/DANet, else ``"output"``.
+        ``(model, "dynamo" | "legacy")``. The input is named ``"input"``;
+        outputs are ``"fused", "pam", "cam"`` for DANetHead/DANet, else ``"output"``.
 
     Raises:
         TypeError, ValueError: bad arguments. RuntimeError: both exporters failed
         (the message holds both errors).
     """
+    import onnx
+
     if exporter not in EXPORTERS:
         raise ValueError(f"`exporter` must be one of {list(EXPORTERS)}, got {exporter!r}.")
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}.")
+    x = _check_example(example_input, dynamic)
+    names = output_names(module)
+    order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
+    errors = []
+    with _eval_mode(module), torch.no_grad():
+        for name in order:
+            try:
+                if name == "dynamo":
+                    return _export_dynamo(module, x, dynamic, opset, names), name
+                return onnx.load_from_string(_export_legacy(module, x, dynamic, opset, names)), name
+            except Exception as e:  # the exporters raise many types; the next one may succeed
+                errors.append(f"{name}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}")
+                if name == "dynamo" and len(order) > 1:
+                    warnings.warn(f"torch.export-based ONNX export failed ({errors[-1]}); "
+                                  f"falling back to the legacy exporter.", RuntimeWarning, stacklevel=2)
+    raise RuntimeError(f"ONNX export of {type(module).__name__} failed. " + "; ".join(errors))
+
+
+def export_onnx(module: torch.nn.Module, path, example_input: torch.Tensor, **kwargs) -> str:
+    """:func:`to_onnx`, saved to ``path`` (``.onnx``); return the exporter used.
+
+    Nothing is written when the export fails. For an atomic write that never
+    replaces an existing file, use ``danet-convert WEIGHTS MODEL.onnx`` (or
+    ``weights_convert.save``).
+    """
+    import onnx
+
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"`path` must end in .onnx, got {str(path)!r}.")
     if not path.parent.is_dir():
         raise ValueError(f"The folder of `path` {str(path)!r} does not exist.")
-    x = _check_example(example_input, dynamic)
-    names = output_names(module)
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}.onnx"
-    order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
-    errors = []
-    try:
-        with _eval_mode(module), torch.no_grad():
-            for name in order:
-                try:
-                    (_export_dynamo if name == "dynamo" else _export_legacy)(module, tmp, x, dynamic, opset, names)
-                except Exception as e:  # the exporters raise many types; the next one may succeed
-                    errors.append(f"{name}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}")
-                    with contextlib.suppress(FileNotFoundError):
-                        tmp.unlink()
-                    if name == "dynamo" and len(order) > 1:
-                        warnings.warn(f"torch.export-based ONNX export failed ({errors[-1]}); "
-                                      f"falling back to the legacy exporter.", RuntimeWarning, stacklevel=2)
-                    continue
-                os.replace(tmp, path)
-                return name
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    raise RuntimeError(f"ONNX export of {type(module).__name__} failed; nothing written to {str(path)!r}. "
-                       + "; ".join(errors))
+    model, used = to_onnx(module, example_input, **kwargs)
+    onnx.save(model, str(path))
+    return used

@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from weights_convert.cli import add_arch_options, arch_options
+
 __all__ = ["main"]
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -37,12 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-weights", metavar="F", help="weights for the torch side (any format danet-convert reads)")
     p.add_argument("--keras-weights", metavar="F", help="weights for the Keras side; without --torch-weights both "
                    "sides use them")
-    p.add_argument("--arch", choices=["pam", "cam", "dual_attention", "head", "danet"],
-                   help="architecture of the weights (default: inferred from them)")
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--backbone", choices=["resnet50", "resnet101"])
-    p.add_argument("--channels", type=int, help="input channels (PAM/CAM/DualAttention/DANetHead)")
-    p.add_argument("--output-stride", type=int, choices=[8, 16, 32])
+    add_arch_options(p)
     p.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
                    help="with random weights: comma-separated from pam,cam,dual_attention,head,danet50,danet101 "
                         "(default: %(default)s)")
@@ -63,9 +60,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _arch_overrides(args) -> dict:
-    return {k: v for k, v in dict(arch=args.arch, num_classes=args.num_classes, backbone=args.backbone,
-                                  channels=args.channels, output_stride=args.output_stride).items() if v is not None}
 
 
 def _worker(args) -> int:
@@ -79,7 +73,7 @@ def _worker(args) -> int:
     size = tuple(args.input_size) if args.input_size else None
     jobs = []
     if args.torch_weights or args.keras_weights:
-        overrides = _arch_overrides(args)
+        overrides = arch_options(args)
         neutral_k = spec_k = None
         if args.keras_weights:
             neutral_k, spec_k = wc.load(args.keras_weights, **overrides)
@@ -90,8 +84,8 @@ def _worker(args) -> int:
         if spec_k is not None and wc.expected_shapes(spec_k) != wc.expected_shapes(spec):
             raise wc.ConvertError(f"--torch-weights is {spec.describe()} but --keras-weights is "
                                   f"{spec_k.describe()}: they must be the same architecture.")
-        spec.dtype = "float32"
-        label = "danet" + spec.backbone[6:] if spec.arch == "danet" else spec.arch
+        spec = spec.replace(dtype="float32")
+        label = spec.backbone.replace("resnet", "danet") if spec.kind == "danet" else spec.kind
         jobs.append((label, spec, neutral_t, neutral_k))
     else:
         for name in args.components.split(","):

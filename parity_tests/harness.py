@@ -26,17 +26,14 @@ from weights_convert.testing import randomize_
 from weights_convert.tolerances import compare, tolerance
 
 __all__ = ["Row", "COMPONENTS", "make_input", "make_pair", "keras_device", "forward_rows", "gradient_rows",
-           "reference_outputs", "run_component"]
-
-OUTPUT_NAMES = {"pam": ("out",), "cam": ("out",), "dual_attention": ("out",), "head": ("fused", "pam", "cam"),
-                "danet": ("fused", "pam", "cam")}
+           "reference_outputs", "run_component", "exact_numerics"]
 
 # name -> (ArchSpec, default input size H, W)
 COMPONENTS = {
-    "pam": (wc.ArchSpec("pam", channels=16), (9, 11)),
-    "cam": (wc.ArchSpec("cam", channels=16), (9, 11)),
-    "dual_attention": (wc.ArchSpec("dual_attention", channels=32), (9, 11)),
-    "head": (wc.ArchSpec("head", channels=64, num_classes=5), (9, 11)),
+    "pam": (wc.ArchSpec("pam", in_channels=16), (9, 11)),
+    "cam": (wc.ArchSpec("cam", in_channels=16), (9, 11)),
+    "dual_attention": (wc.ArchSpec("dual_attention", in_channels=32), (9, 11)),
+    "head": (wc.ArchSpec("head", in_channels=64, num_classes=5), (9, 11)),
     "danet50": (wc.ArchSpec("danet", num_classes=5, backbone="resnet50"), (65, 65)),
     "danet101": (wc.ArchSpec("danet", num_classes=5, backbone="resnet101"), (97, 129)),
 }
@@ -80,7 +77,7 @@ def keras_device() -> str:
 
 def make_input(spec, size, batch: int = 2, seed: int = 0) -> np.ndarray:
     """A seeded NCHW float64 input for ``spec``."""
-    return np.random.default_rng(seed).standard_normal((batch, spec.input_channels, *size))
+    return np.random.default_rng(seed).standard_normal((batch, spec.example_channels, *size))
 
 
 def nhwc(a):
@@ -101,14 +98,22 @@ def _disable_dropout(torch_model, keras_model):
             layer.rate = 0.0
 
 
-# Full float32 matmuls on GPUs (no TF32), as the comparison assumes.
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
-if keras.backend.backend() == "jax":
-    import jax
+@contextlib.contextmanager
+def exact_numerics():
+    """What the comparison assumes, restored afterwards: full float32 matmuls on GPUs (no TF32) in torch and
+    JAX, and 64-bit JAX arrays (float64 parity)."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        if keras.backend.backend() == "jax":
+            import jax
 
-    jax.config.update("jax_enable_x64", True)  # float64 parity needs 64-bit JAX arrays
-    jax.config.update("jax_default_matmul_precision", "highest")
+            with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 @contextlib.contextmanager
@@ -163,24 +168,22 @@ def keras_outputs(model, x: np.ndarray, dtype: str = "float32"):
     return [nchw(keras.ops.convert_to_numpy(o)).astype(np.float64) for o in out]
 
 
-def reference_outputs(spec, neutral, x: np.ndarray, torch_model=None):
+def reference_outputs(spec, neutral, x: np.ndarray):
     """Float64 outputs: the NumPy reference for the attention parts, torch float64 for DANet."""
     sd = {k: np.asarray(v, dtype=np.float64) for k, v in neutral.items()}
-    if spec.arch == "pam":
+    if spec.kind == "pam":
         return [ref.position_attention(x, sd["query_conv.weight"], sd["query_conv.bias"], sd["key_conv.weight"],
                                        sd["key_conv.bias"], sd["value_conv.weight"], sd["value_conv.bias"],
                                        sd["gamma"])]
-    if spec.arch == "cam":
+    if spec.kind == "cam":
         return [ref.channel_attention(x, sd["gamma"])]
-    if spec.arch == "dual_attention":
+    if spec.kind == "dual_attention":
         return [ref.dual_attention(x, sd)]
-    if spec.arch == "head":
+    if spec.kind == "head":
         return list(ref.danet_head(x, sd))
-    model64 = (torch_model if torch_model is not None else wc.to_torch(neutral, spec)).double().cpu().eval()
+    model64 = wc.to_torch(neutral, spec.replace(dtype="float64")).eval()  # a new model: the caller's is untouched
     with torch.no_grad():
-        out = [o.numpy() for o in model64(torch.from_numpy(x))]
-    model64.float()
-    return out
+        return [o.numpy() for o in model64(torch.from_numpy(x))]
 
 
 def _rows(component, names, actual, expected, dtype, scope, against, device):
@@ -195,8 +198,8 @@ def _rows(component, names, actual, expected, dtype, scope, against, device):
 
 def forward_rows(component, spec, torch_model, keras_model, x, dtype="float32", device="cpu", neutral=None):
     """Keras vs torch (float32), or both vs the float64 reference (half precision)."""
-    names = OUTPUT_NAMES[spec.arch]
-    scope = "model" if spec.arch == "danet" else "layer"
+    names = spec.outputs
+    scope = spec.info.scope
     where = f"torch:{device}/keras:{keras_device()}"
     t_out = torch_outputs(torch_model, x, dtype, device)
     k_out = keras_outputs(keras_model, x, dtype)
@@ -257,12 +260,13 @@ def run_component(component, spec=None, size=None, batch=2, seed=0, dtype="float
     default_spec, default_size = COMPONENTS.get(component, (None, (9, 11)))
     spec = spec or default_spec
     size = size or default_size
-    torch_model, keras_model = make_pair(spec, seed, device, dtype, neutral, keras_neutral)
-    x = make_input(spec, size, batch, seed)
-    rows = forward_rows(component, spec, torch_model, keras_model, x, dtype, device, neutral)
-    if gradients:
-        grad_dtype = "float64" if spec.arch == "danet" or dtype == "float64" else "float32"
-        if grad_dtype != dtype:
-            torch_model, keras_model = make_pair(spec, seed, device, grad_dtype, neutral, keras_neutral)
-        rows += gradient_rows(component, spec, torch_model, keras_model, x, device, seed + 1, grad_dtype)
+    with exact_numerics():
+        torch_model, keras_model = make_pair(spec, seed, device, dtype, neutral, keras_neutral)
+        x = make_input(spec, size, batch, seed)
+        rows = forward_rows(component, spec, torch_model, keras_model, x, dtype, device, neutral)
+        if gradients:
+            grad_dtype = "float64" if spec.kind == "danet" or dtype == "float64" else "float32"
+            if grad_dtype != dtype:
+                torch_model, keras_model = make_pair(spec, seed, device, grad_dtype, neutral, keras_neutral)
+            rows += gradient_rows(component, spec, torch_model, keras_model, x, device, seed + 1, grad_dtype)
     return rows

@@ -1,46 +1,120 @@
-"""``ArchSpec``: which model a set of weights belongs to, and its state_dict names and shapes.
+"""The architecture record: which model a set of weights belongs to, as one frozen, serialisable value.
 
-The names and shapes are computed here without importing any framework, in
-exactly the order of ``danet_torch``'s ``state_dict()`` (a test checks it), so
-strict checks, ``.weights.h5`` inference and the weight map need neither torch
-nor Keras.
+:class:`ArchSpec` describes a model completely (kind, channels, classes,
+backbone, stem, output stride, multi-grid, reduction, dropout, dtype, data
+format); :data:`KINDS` holds, once per kind, the facts every part of the
+project reads: the class built in each framework, the record fields that
+apply, the output names, the tolerance scope and an example input. The
+record travels with the weights in every format this package writes
+(``ArchSpec.to_dict``); :func:`apply_overrides` is the one rule by which
+options change a stored or inferred record.
+
+Importing this module imports no framework.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Optional, Tuple
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
-__all__ = ["ArchSpec", "ARCHS", "BACKBONE_DEPTHS", "expected_shapes"]
+from . import layout
 
-ARCHS = ("pam", "cam", "dual_attention", "head", "danet")
-BACKBONE_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
-INT_KEYS_SUFFIX = "num_batches_tracked"
+__all__ = ["ArchSpec", "Kind", "KINDS", "ARCHS", "BACKBONE_DEPTHS", "RECORD_VERSION", "expected_shapes",
+           "apply_overrides"]
+
+BACKBONE_DEPTHS = layout.BACKBONE_DEPTHS
+RECORD_VERSION = 1
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+DATA_FORMATS = ("channels_last", "channels_first")
+OUTPUT_STRIDES = (8, 16, 32)
+COMMON_FIELDS = ("dtype", "data_format")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Kind:
+    """What the project knows about one kind of model.
+
+    Attributes:
+        name: The record's ``kind``.
+        class_name: The class in ``danet_torch`` and in ``danet_keras`` (same name in both).
+        fields: Record fields that apply to this kind (besides ``dtype`` and ``data_format``).
+        outputs: Output names, in order (ONNX outputs, parity rows).
+        scope: Tolerance scope (``weights_convert.tolerances``).
+        example_size: ``(H, W)`` of the input ``--verify`` and other checks use.
+        export_size: Square size exporters trace at (any size runs afterwards).
+        rows: ``spec -> [(state_dict name, shape)]`` in ``state_dict()`` order.
+    """
+
+    name: str
+    class_name: str
+    fields: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    scope: str
+    example_size: Tuple[int, int]
+    export_size: int
+    rows: Callable
+
+    @property
+    def required(self) -> Tuple[str, ...]:
+        return tuple(f for f in ("in_channels", "num_classes") if f in self.fields and f not in OPTIONAL[self.name])
+
+
+OPTIONAL = {"pam": (), "cam": ("in_channels",), "dual_attention": (), "head": (), "danet": ()}
+
+KINDS = {k.name: k for k in (
+    Kind("pam", "PositionAttention", ("in_channels", "reduction"), ("output",), "layer", (9, 11), 12,
+         lambda s: layout.pam_rows(s.in_channels, s.reduction)),
+    Kind("cam", "ChannelAttention", ("in_channels",), ("output",), "layer", (9, 11), 12,
+         lambda s: layout.cam_rows()),
+    Kind("dual_attention", "DualAttention", ("in_channels", "inter_channels", "out_channels", "reduction"),
+         ("output",), "layer", (9, 11), 12,
+         lambda s: layout.dual_attention_rows(s.in_channels, s.inter_channels, s.out_channels, s.reduction)),
+    Kind("head", "DANetHead", ("in_channels", "num_classes", "reduction", "dropout"), ("fused", "pam", "cam"),
+         "layer", (9, 11), 12, lambda s: layout.head_rows(s.in_channels, s.num_classes, s.reduction)),
+    Kind("danet", "DANet", ("in_channels", "num_classes", "backbone", "deep_stem", "output_stride", "multi_grid",
+                            "reduction", "dropout"), ("fused", "pam", "cam"), "model", (33, 33), 65,
+         lambda s: layout.danet_rows(s.backbone, s.deep_stem, s.num_classes, s.reduction, s.in_channels)),
+)}
+ARCHS = tuple(KINDS)
+
+
+def _int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+@dataclass(frozen=True, repr=False)
 class ArchSpec:
-    """An architecture that both frameworks can build.
+    """An architecture both frameworks can build; frozen, compared by value, stored beside the weights.
 
     Args:
-        arch: ``"pam"``, ``"cam"``, ``"dual_attention"``, ``"head"`` or ``"danet"``.
-        channels: Input channels (PAM, CAM, DualAttention, DANetHead; 2048 inside DANet).
-            ``None`` for a CAM built without a channel check.
+        kind: ``"pam"``, ``"cam"``, ``"dual_attention"``, ``"head"`` or ``"danet"``.
+        in_channels: Channels of the model's input (3 for a DANet by default;
+            ``None`` for a ChannelAttention built without a channel check).
         num_classes: Classes of DANetHead / DANet.
         backbone: ``"resnet50"`` or ``"resnet101"`` (DANet).
         deep_stem: Three 3x3 stem convs instead of the 7x7 conv (DANet).
-        output_stride: 8, 16 or 32 (DANet; not stored in the weights).
-        multi_grid: layer4 dilations or ``None`` (DANet; not stored in the weights).
-        inter_channels, out_channels: DualAttention's (default ``channels // 4`` and ``channels``).
+        output_stride: 8, 16 or 32 (DANet; not visible in the weights).
+        multi_grid: layer4 dilations, or ``None`` (DANet; not visible in the weights).
+        inter_channels, out_channels: DualAttention's (default ``in_channels // 4`` and ``in_channels``).
         reduction: PAM's query/key reduction (8).
-        dtype: Floating dtype of the weights (models are built in it).
+        dropout: Dropout rate before the classifiers (DANetHead, DANet).
+        dtype: Floating dtype of the weights; models are built in it.
+        data_format: Keras layout (``danet_torch`` is always NCHW).
+
+    ``None`` for ``in_channels`` (DANet), ``inter_channels`` and
+    ``out_channels`` means the kind's default and is resolved here. A field
+    that does not apply to the kind must keep its default.
+
+    Raises:
+        ValueError: a field has a bad value, or does not apply to the kind.
     """
 
-    arch: str
-    channels: Optional[int] = None
+    kind: str
+    in_channels: Optional[int] = None
     num_classes: Optional[int] = None
     backbone: str = "resnet101"
     deep_stem: bool = False
@@ -49,69 +123,124 @@ class ArchSpec:
     inter_channels: Optional[int] = None
     out_channels: Optional[int] = None
     reduction: int = 8
+    dropout: float = 0.1
     dtype: str = "float32"
-    notes: list = field(default_factory=list, compare=False, repr=False)
+    data_format: str = "channels_last"
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"`arch` must be one of {list(ARCHS)}, got {self.arch!r}.")
+        if self.kind not in KINDS:
+            raise ValueError(f"`kind` must be one of {list(KINDS)}, got {self.kind!r}.")
+        kind = KINDS[self.kind]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in defaults:
+            if name not in kind.fields + COMMON_FIELDS + ("kind",) and getattr(self, name) != defaults[name]:
+                raise ValueError(f"`{name}` does not apply to a {kind.class_name} record (got {getattr(self, name)!r}); "
+                                 f"its fields are {list(kind.fields + COMMON_FIELDS)}.")
+        resolved = {}
+        if self.kind == "danet" and self.in_channels is None:
+            resolved["in_channels"] = 3
+        for name in kind.required:
+            if getattr(self, name) is None and name not in resolved:
+                raise ValueError(f"`{name}` is required for kind {self.kind!r}.")
+        for name in ("in_channels", "num_classes", "inter_channels", "out_channels", "reduction"):
+            value = resolved.get(name, getattr(self, name))
+            if value is not None:
+                resolved[name] = _int(name, value)
+        if self.kind == "dual_attention":
+            resolved.setdefault("inter_channels", resolved["in_channels"] // 4)
+            resolved.setdefault("out_channels", resolved["in_channels"])
+        if "reduction" in kind.fields:
+            channels = {"pam": resolved.get("in_channels"), "dual_attention": resolved.get("inter_channels"),
+                        "head": resolved.get("in_channels", 0) // 4, "danet": layout.HEAD_IN_CHANNELS // 4}[self.kind]
+            if channels // resolved["reduction"] < 1:
+                raise ValueError(f"`reduction`={resolved['reduction']} leaves PAM no query channels: its input "
+                                 f"has {channels} channels; use reduction <= {max(channels, 1)}.")
         if self.backbone not in BACKBONE_DEPTHS:
             raise ValueError(f"`backbone` must be one of {sorted(BACKBONE_DEPTHS)}, got {self.backbone!r}.")
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"`output_stride` must be one of {list(OUTPUT_STRIDES)}, got {self.output_stride!r}.")
         if self.multi_grid is not None:
-            self.multi_grid = tuple(int(d) for d in self.multi_grid)
-        if self.arch == "danet":
-            self.channels = 2048
-        if self.arch in ("head", "danet") and self.num_classes is None:
-            raise ValueError(f"`num_classes` is required for arch={self.arch!r}.")
-        if self.arch in ("pam", "dual_attention", "head") and self.channels is None:
-            raise ValueError(f"`channels` is required for arch={self.arch!r}.")
-        if self.arch == "dual_attention":
-            self.inter_channels = self.inter_channels or self.channels // 4
-            self.out_channels = self.out_channels or self.channels
+            grid = tuple(_int("multi_grid", d) for d in self.multi_grid)
+            if len(grid) != BACKBONE_DEPTHS[self.backbone][3]:
+                raise ValueError(f"`multi_grid` must give one dilation per layer4 block "
+                                 f"({BACKBONE_DEPTHS[self.backbone][3]}), got {self.multi_grid!r}.")
+            resolved["multi_grid"] = grid
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+        resolved["dropout"] = float(self.dropout)
+        resolved["deep_stem"] = bool(self.deep_stem)
+        if str(self.dtype) not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {self.dtype!r}.")
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"`data_format` must be one of {list(DATA_FORMATS)}, got {self.data_format!r}.")
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
 
-    # -- serialisation (stored in .safetensors / .npz metadata) -------------------------------
+    # -- the record -------------------------------------------------------------------------------
+    @property
+    def info(self) -> Kind:
+        """This kind's entry in :data:`KINDS`."""
+        return KINDS[self.kind]
+
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("notes")
-        d["multi_grid"] = None if self.multi_grid is None else list(self.multi_grid)
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ArchSpec":
-        known = {f.name for f in dataclasses.fields(cls)} - {"notes"}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def replace(self, **overrides) -> "ArchSpec":
-        """A copy with ``overrides`` applied (``None`` values are ignored, except ``multi_grid``)."""
-        d = self.to_dict()
-        for k, v in overrides.items():
-            if v is not None or k == "multi_grid":
-                d[k] = v
-        out = ArchSpec.from_dict(d)
-        out.notes = list(self.notes)
+        """The record as plain JSON types: the fields that apply to the kind, and ``version``."""
+        out = {"version": RECORD_VERSION, "kind": self.kind}
+        for name in self.info.fields + COMMON_FIELDS:
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
+    @classmethod
+    def from_dict(cls, record: dict) -> "ArchSpec":
+        """The spec of a stored record (also the earlier form, which said ``arch`` and ``channels``)."""
+        record = dict(record)
+        record.pop("version", None)
+        if "arch" in record and "kind" not in record:  # earlier records
+            record["kind"] = record.pop("arch")
+            channels = record.pop("channels", None)
+            if record["kind"] != "danet":
+                record["in_channels"] = channels
+            for name in set(record) - set(KINDS.get(record["kind"], KINDS["danet"]).fields) - set(COMMON_FIELDS):
+                if name != "kind":
+                    record.pop(name)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise ValueError(f"unknown architecture record field(s) {unknown}; known: {sorted(known)}.")
+        return cls(**record)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "version")
+        return f"ArchSpec({fields})"
+
+    def replace(self, **changes) -> "ArchSpec":
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
     @property
-    def input_channels(self):
-        """Channels of the model's input: 3 (RGB) for DANet, else ``channels`` (``None`` for an unchecked CAM)."""
-        return 3 if self.arch == "danet" else self.channels
+    def outputs(self) -> Tuple[str, ...]:
+        return self.info.outputs
+
+    @property
+    def example_channels(self) -> int:
+        """Input channels of example inputs: ``in_channels`` (8 for a ChannelAttention without a channel check)."""
+        return self.in_channels or 8
 
     def describe(self) -> str:
-        if self.arch == "danet":
+        """One line naming the model, for messages."""
+        if self.kind == "danet":
             stem = "deep stem" if self.deep_stem else "7x7 stem"
+            grid = "no multi-grid" if self.multi_grid is None else f"multi-grid {self.multi_grid}"
+            channels = "" if self.in_channels == 3 else f", {self.in_channels} input channels"
             return (f"DANet({self.backbone}, {self.num_classes} classes, {stem}, output stride "
-                    f"{self.output_stride}, multi-grid {self.multi_grid})")
-        if self.arch == "head":
-            return f"DANetHead(in_channels={self.channels}, num_classes={self.num_classes})"
-        if self.arch == "dual_attention":
-            return (f"DualAttention(in_channels={self.channels}, out_channels={self.out_channels}, "
-                    f"inter_channels={self.inter_channels})")
-        return f"{'PositionAttention' if self.arch == 'pam' else 'ChannelAttention'}(in_channels={self.channels})"
+                    f"{self.output_stride}, {grid}{channels})")
+        args = ", ".join(f"{f}={getattr(self, f)}" for f in self.info.fields
+                         if f not in ("reduction", "dropout") or getattr(self, f) != {"reduction": 8, "dropout": 0.1}[f])
+        return f"{self.info.class_name}({args})"
 
-    # -- builders ----------------------------------------------------------------------------
+    def expected_shapes(self) -> dict:
+        return expected_shapes(self)
+
     def build_torch(self):
         """The ``danet_torch`` module (eval mode, in ``dtype``)."""
         from .frameworks import build_torch
@@ -119,82 +248,48 @@ class ArchSpec:
         return build_torch(self)
 
     def build_keras(self):
-        """The ``danet_keras`` layer/model, built (its variables exist), in ``dtype``."""
+        """The ``danet_keras`` layer or model, built (its variables exist), in ``dtype``."""
         from .frameworks import build_keras
 
         return build_keras(self)
 
-    def expected_shapes(self) -> "OrderedDict[str, tuple]":
-        return expected_shapes(self)
 
-
-# -- state_dict names and shapes, in torch's order ---------------------------------------------
-def _conv(prefix, o, i, k, bias):
-    out = [(f"{prefix}weight", (o, i, k, k))]
-    return out + [(f"{prefix}bias", (o,))] if bias else out
-
-
-def _bn(prefix, c):
-    return [(f"{prefix}{n}", (c,)) for n in ("weight", "bias", "running_mean", "running_var")] + \
-        [(f"{prefix}num_batches_tracked", ())]
-
-
-def _pam(prefix, c, reduction):
-    k = c // reduction
-    return ([(f"{prefix}gamma", (1,))] + _conv(f"{prefix}query_conv.", k, c, 1, True)
-            + _conv(f"{prefix}key_conv.", k, c, 1, True) + _conv(f"{prefix}value_conv.", c, c, 1, True))
-
-
-def _cbr(prefix, i, o):
-    return _conv(f"{prefix}0.", o, i, 3, False) + _bn(f"{prefix}1.", o)
-
-
-def _dual(prefix, c, inter, out, reduction):
-    return (_cbr(f"{prefix}conv5a.", c, inter) + _cbr(f"{prefix}conv5c.", c, inter)
-            + _pam(f"{prefix}sa.", inter, reduction) + [(f"{prefix}sc.gamma", (1,))]
-            + _cbr(f"{prefix}conv51.", inter, out) + _cbr(f"{prefix}conv52.", inter, out))
-
-
-def _head(prefix, c, n, reduction):
-    inter = c // 4
-    rows = _dual(prefix, c, inter, inter, reduction)
-    for name in ("conv6", "conv7", "conv8"):
-        rows += _conv(f"{prefix}{name}.1.", n, inter, 1, True)
-    return rows
-
-
-def _resnet(prefix, blocks, deep_stem):
-    if deep_stem:
-        rows = (_conv(f"{prefix}conv1.0.", 64, 3, 3, False) + _bn(f"{prefix}conv1.1.", 64)
-                + _conv(f"{prefix}conv1.3.", 64, 64, 3, False) + _bn(f"{prefix}conv1.4.", 64)
-                + _conv(f"{prefix}conv1.6.", 128, 64, 3, False))
-        inplanes = 128
-    else:
-        rows, inplanes = _conv(f"{prefix}conv1.", 64, 3, 7, False), 64
-    rows += _bn(f"{prefix}bn1.", inplanes)
-    for li, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
-        for b in range(n):
-            p = f"{prefix}layer{li}.{b}."
-            rows += (_conv(f"{p}conv1.", planes, inplanes, 1, False) + _bn(f"{p}bn1.", planes)
-                     + _conv(f"{p}conv2.", planes, planes, 3, False) + _bn(f"{p}bn2.", planes)
-                     + _conv(f"{p}conv3.", planes * 4, planes, 1, False) + _bn(f"{p}bn3.", planes * 4))
-            if b == 0:  # every stage's first block changes channels (and/or stride)
-                rows += _conv(f"{p}downsample.0.", planes * 4, inplanes, 1, False) + _bn(f"{p}downsample.1.", planes * 4)
-            inplanes = planes * 4
-    return rows
-
-
-def expected_shapes(spec: ArchSpec) -> "OrderedDict[str, tuple]":
+def expected_shapes(spec: ArchSpec) -> dict:
     """``{torch state_dict name: shape}`` of ``spec``, in ``state_dict()`` order."""
-    if spec.arch == "pam":
-        rows = _pam("", spec.channels, spec.reduction)
-    elif spec.arch == "cam":
-        rows = [("gamma", (1,))]
-    elif spec.arch == "dual_attention":
-        rows = _dual("", spec.channels, spec.inter_channels, spec.out_channels, spec.reduction)
-    elif spec.arch == "head":
-        rows = _head("", spec.channels, spec.num_classes, spec.reduction)
-    else:
-        rows = _resnet("pretrained.", BACKBONE_DEPTHS[spec.backbone], spec.deep_stem)
-        rows += _head("head.", 2048, spec.num_classes, spec.reduction)
-    return OrderedDict(rows)
+    return dict(spec.info.rows(spec))
+
+
+def apply_overrides(spec: ArchSpec, overrides: dict, source: str) -> tuple:
+    """``(spec with overrides, notes)``: the one rule by which options change a record.
+
+    Every key given in ``overrides`` replaces the field (``None`` is a value:
+    ``multi_grid=None`` means no multi-grid); a note says so whenever the
+    value differs from what ``source`` (for example "the stored record")
+    said. Changing ``kind`` starts a new record of that kind from the fields
+    that apply to it.
+
+    Raises:
+        ValueError: a field unknown, or not applicable, or a bad value.
+    """
+    notes = []
+    if not overrides:
+        return spec, notes
+    known = {f.name for f in dataclasses.fields(ArchSpec)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown architecture option(s) {unknown}; known: {sorted(known)}.")
+    current = spec.to_dict()
+    current.pop("version")
+    kind = overrides.get("kind", spec.kind)
+    if kind != spec.kind:
+        fields = KINDS[kind].fields + COMMON_FIELDS if kind in KINDS else ()
+        current = {k: v for k, v in current.items() if k in fields}
+        current["kind"] = kind
+    for name, value in overrides.items():
+        old = current.get(name, getattr(spec, name, None))
+        old = tuple(old) if isinstance(old, list) else old
+        new = tuple(value) if isinstance(value, list) else value
+        if new != old:
+            notes.append(f"option {name}={new!r} overrides {source}'s {old!r}")
+        current[name] = value
+    return ArchSpec(**current), notes

@@ -7,28 +7,59 @@ Exit codes: 0 converted (and verified), 1 ``--verify`` above tolerance,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-from .arch import ARCHS, BACKBONE_DEPTHS
+from .arch import ARCHS, BACKBONE_DEPTHS, DATA_FORMATS
 from .errors import ConvertError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "arch_options", "add_arch_options"]
 
 PROGRESS_BYTES = 32 << 20  # show progress for checkpoints larger than this
 PROGRESS_TENSORS = 200
+DATA_FORMAT_NOTE = ("Keras layout channels_last assumed (the weights do not show it; `--data-format channels_first` "
+                    "to change)")
 
 
 def _multi_grid(values):
-    if values is None:
-        return None
     if len(values) == 1 and values[0].lower() == "none":
-        return "none"
+        return None
     try:
         return tuple(int(v) for v in values)
     except ValueError:
         raise argparse.ArgumentTypeError(f"`--multi-grid` takes dilations (e.g. 4 8 16) or `none`, got {values}")
+
+
+def add_arch_options(p: argparse.ArgumentParser) -> None:
+    """The architecture options (record fields), shared by ``danet-convert`` and ``danet-parity``."""
+    g = p.add_argument_group("architecture (default: the record stored in SRC, else inferred from the weights)")
+    g.add_argument("--arch", choices=ARCHS, help="kind of model")
+    g.add_argument("--num-classes", type=int, help="classes of DANetHead / DANet")
+    g.add_argument("--backbone", choices=sorted(BACKBONE_DEPTHS), help="DANet backbone")
+    g.add_argument("--in-channels", "--channels", dest="in_channels", type=int,
+                   help="input channels (PAM/CAM/DualAttention/DANetHead; DANet: image channels)")
+    g.add_argument("--deep-stem", action=argparse.BooleanOptionalAction, default=None, help="DANet stem")
+    g.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="DANet output stride")
+    g.add_argument("--multi-grid", nargs="+", metavar="D", help="layer4 dilations (e.g. 4 8 16), or `none`")
+    g.add_argument("--reduction", type=int, help="PAM's query/key reduction")
+    g.add_argument("--dropout", type=float, help="dropout before the classifiers (DANetHead, DANet)")
+    g.add_argument("--data-format", choices=DATA_FORMATS, help="Keras layout of Keras outputs")
+
+
+def arch_options(args) -> dict:
+    """The record fields given on the command line (only those given; ``--multi-grid none`` is ``None``)."""
+    o = {}
+    if args.arch:
+        o["kind"] = args.arch
+    for name in ("num_classes", "backbone", "in_channels", "deep_stem", "output_stride", "reduction", "dropout",
+                 "data_format"):
+        if getattr(args, name) is not None:
+            o[name] = getattr(args, name)
+    if args.multi_grid is not None:
+        o["multi_grid"] = _multi_grid(args.multi_grid)
+    return o
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="danet-convert",
         description="Convert DANet weights between PyTorch (.pth/.pt), .safetensors, .npz, Keras (.weights.h5, "
                     ".keras); also reads official and mmsegmentation DANet checkpoints, and exports ONNX (.onnx, "
-                    "write-only: a DST, never a SRC). The format is chosen by the file extension; the "
-                    "architecture is inferred from the weights, options override it.",
+                    "write-only: a DST, never a SRC). The format is chosen by the file extension. The "
+                    "architecture record travels with the weights in every format written; without one it is "
+                    "inferred, and what was assumed is printed. Options override, with a note.",
         epilog="ONNX: `danet-convert SRC model.onnx` builds the model of SRC's weights (torch by default, "
                "--onnx-from keras for the Keras exporter) and writes a file with input \"input\" (NCHW, dynamic "
                "batch/height/width) and outputs \"fused\", \"pam\", \"cam\" (DANetHead, DANet) or \"output\"; "
@@ -47,14 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               ".weights.h5 or .keras (.onnx is refused: write-only)")
     p.add_argument("dst", metavar="DST", help="destination file, any SRC format or .onnx (refused if it exists, "
                                               "unless --force)")
-    p.add_argument("--arch", choices=("auto",) + ARCHS, default="auto", help="architecture (default: inferred)")
-    p.add_argument("--num-classes", type=int, help="classes of DANetHead / DANet")
-    p.add_argument("--backbone", choices=sorted(BACKBONE_DEPTHS), help="DANet backbone")
-    p.add_argument("--channels", type=int, help="input channels of PAM/CAM/DualAttention/DANetHead")
-    p.add_argument("--deep-stem", action=argparse.BooleanOptionalAction, default=None, help="DANet stem")
-    p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="DANet output stride (default 8)")
-    p.add_argument("--multi-grid", nargs="+", metavar="D",
-                   help="layer4 dilations (default 4 8 16, the released checkpoint), or `none`")
+    add_arch_options(p)
+    p.add_argument("--key", help="the checkpoint entry holding the weights (model, ema, ...; dotted for deeper "
+                                 "nesting); default: `state_dict` when present")
+    p.add_argument("--strip-prefix", metavar="PREFIX", help="remove PREFIX (e.g. `model.`) from every key")
     p.add_argument("--onnx-from", choices=("torch", "keras"), default=None,
                    help="with an .onnx DST: which framework builds and exports the model (default torch; keras "
                         "needs KERAS_BACKEND=tensorflow and tf2onnx)")
@@ -63,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "onnxruntime on the written file against the torch model of SRC)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --verify input")
     p.add_argument("--size", type=int, default=None, help="spatial size of the --verify input")
+    p.add_argument("--dry-run", action="store_true", help="print the architecture record and the name mapping; "
+                                                          "write nothing")
     p.add_argument("--force", action="store_true", help="replace an existing DST")
     p.add_argument("--allow-partial", action="store_true",
                    help="write what fits instead of refusing, and list what was left out")
@@ -70,23 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args) -> dict:
-    o = {}
-    if args.arch != "auto":
-        o["arch"] = args.arch
-    for name in ("num_classes", "backbone", "channels", "deep_stem", "output_stride"):
-        if getattr(args, name) is not None:
-            o[name] = getattr(args, name)
-    mg = _multi_grid(args.multi_grid)
-    if mg is not None:
-        o["multi_grid"] = None if mg == "none" else mg
-    return o
-
-
 def _framework(path) -> str:
-    from .api import detect_format
+    from .api import KERAS_FORMATS, detect_format
 
-    return "keras" if detect_format(path) in ("keras", "keras_weights") else "torch"
+    return "keras" if detect_format(path) in KERAS_FORMATS else "torch"
+
+
+def _dry_run(ckpt, dst) -> None:
+    from .mapping import keras_table
+
+    print(f"architecture record: {json.dumps(ckpt.arch.to_dict(), sort_keys=True)}")
+    print(f"model: {ckpt.arch.describe()}")
+    keras_dst = _framework(dst) == "keras" if dst else False
+    print(f"{len(ckpt.weights)} tensors; mapping (torch name -> {'Keras weight path' if keras_dst else 'shape'}):")
+    for row in keras_table(ckpt.arch):
+        where = row.keras_path if keras_dst else str(row.torch_shape)
+        print(f"  {row.torch_name}  ->  {where}  {row.rule if keras_dst else ''}".rstrip())
+    print("dry run: nothing written")
 
 
 def main(argv=None) -> int:
@@ -104,47 +134,42 @@ def main(argv=None) -> int:
         from .neutral import summary
 
         try:
-            overrides = _overrides(args)
+            overrides = arch_options(args)
         except argparse.ArgumentTypeError as e:
             parser.error(str(e))
         api.check_readable(args.src)
         onnx_dst = api.detect_format(args.dst) == "onnx"
         if args.onnx_from is not None and not onnx_dst:
             parser.error("--onnx-from only applies to an .onnx DST")
-        check_destination(args.src, args.dst, args.force)  # refuse early, before any work
-        size = Path(args.src).stat().st_size if Path(args.src).is_file() else 0
+        if not args.dry_run:
+            check_destination(args.src, args.dst, args.force)  # refuse early, before any work
+        size = Path(args.src).stat().st_size
         big = size > PROGRESS_BYTES
         if big:
             say(f"reading {args.src} ({size / 2**20:.1f} MiB) ...")
-        neutral, spec = api.load(args.src, allow_partial=args.allow_partial, **overrides)
-        n, params, nbytes = summary(neutral)
+        ckpt = api.load(args.src, key=args.key, strip_prefix=args.strip_prefix, allow_partial=args.allow_partial,
+                        **overrides)
+        weights, spec = ckpt.weights, ckpt.arch
+        n, params, nbytes = summary(weights)
         big = big or n > PROGRESS_TENSORS
-        say(f"architecture: {spec.describe()}")
-        for note in spec.notes:
+        say(f"architecture: {spec.describe()}" + ("" if ckpt.stored_record else " (inferred)"))
+        notes = list(ckpt.notes)
+        if (_framework(args.dst) == "keras" and not ckpt.stored_record and "data_format" not in overrides
+                and _framework(args.src) != "keras"):
+            notes.append(DATA_FORMAT_NOTE)
+        for note in notes:
             say(f"note: {note}")
+        if args.dry_run:
+            _dry_run(ckpt, args.dst)
+            return 0
         if big:
             say(f"read {n} tensors in {time.perf_counter() - t0:.1f} s; writing {args.dst} ...")
-        api.save(neutral, args.dst, arch=spec, force=args.force, allow_partial=args.allow_partial, src=args.src,
-                 onnx_framework=args.onnx_from or "torch")
-        if big:
-            say(f"wrote {n}/{n} tensors")
+        for note in api.save(weights, args.dst, spec, force=args.force, allow_partial=args.allow_partial,
+                             src=args.src, onnx_framework=args.onnx_from or "torch"):
+            say(f"note: {note}")
         status = 0
         if args.verify:
-            if onnx_dst:
-                from .io_onnx import verify_onnx
-
-                checks = verify_onnx(neutral, spec, args.dst, seed=args.seed, size=args.size)
-            else:
-                from .verify import verify
-
-                dst_neutral, dst_spec = api.load(args.dst, allow_partial=args.allow_partial, **overrides)
-                checks = verify(neutral, spec, _framework(args.src), dst_neutral, dst_spec, _framework(args.dst),
-                                seed=args.seed, size=args.size)
-            for c in checks:
-                print(f"verify {c.message()}", flush=True)
-                status = status if c.passed else 1
-            if status:
-                print("verify: FAILED, outputs differ above the tolerance table", file=sys.stderr)
+            status = _verify(args, ckpt)
         out_size = Path(args.dst).stat().st_size
         print(f"converted {args.src} -> {args.dst}: {n} tensors, {params:,} parameters, {nbytes:,} bytes "
               f"(file {out_size:,} bytes) in {time.perf_counter() - t0:.2f} s", flush=True)
@@ -158,6 +183,28 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - never let a crash read as exit 1 ("verify above tolerance")
         print(f"danet-convert: error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+
+
+def _verify(args, ckpt) -> int:
+    from . import api
+
+    if api.detect_format(args.dst) == "onnx":
+        from .io_onnx import verify_onnx
+
+        checks = verify_onnx(ckpt.weights, ckpt.arch, args.dst, seed=args.seed, size=args.size)
+    else:
+        from .verify import verify
+
+        back = api.load(args.dst, allow_partial=args.allow_partial)
+        checks = verify(ckpt.weights, ckpt.arch, _framework(args.src), back.weights, back.arch,
+                        _framework(args.dst), seed=args.seed, size=args.size)
+    status = 0
+    for c in checks:
+        print(f"verify {c.message()}", flush=True)
+        status = status if c.passed else 1
+    if status:
+        print("verify: FAILED, outputs differ above the tolerance table", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -1,48 +1,46 @@
 """Neutral form <-> live models: ``danet_torch`` modules and ``danet_keras`` layers.
 
-Both frameworks are imported lazily, inside the functions.
+Both frameworks are imported lazily, inside the functions. Models are built
+from the record alone (:data:`weights_convert.arch.KINDS` names the class;
+the record's fields that the constructor takes are passed to it), so no
+kind is special-cased here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections import OrderedDict
 
 import numpy as np
 
-from .arch import ArchSpec, expected_shapes
+from .arch import KINDS, ArchSpec, expected_shapes
 from .errors import ConvertError, check_strict
 from .infer import infer_arch
 from .mapping import from_keras_layout, keras_table, resolve_keras, to_keras_layout
-from .neutral import numpy_to_tensor, tensor_to_numpy
+from .neutral import numpy_dtype, numpy_to_tensor, tensor_to_numpy
 
-__all__ = ["build_torch", "build_keras", "to_torch", "from_torch", "to_keras", "from_keras", "spec_from_keras"]
+__all__ = ["build_torch", "build_keras", "to_torch", "from_torch", "to_keras", "from_keras", "spec_from_keras",
+           "keras_precision", "danet_layer_of"]
 
-KERAS_CLASSES = {"PositionAttention": "pam", "ChannelAttention": "cam", "DualAttention": "dual_attention",
-                 "DANetHead": "head", "DANet": "danet"}
+def _constructor_kwargs(cls, spec: ArchSpec, exclude=()) -> dict:
+    """The record's fields that ``cls.__init__`` takes by name."""
+    params = inspect.signature(cls.__init__).parameters
+    fields = spec.info.fields + ("data_format",)
+    return {f: getattr(spec, f) for f in fields if f in params and f not in exclude}
 
 
 def build_torch(spec: ArchSpec):
     """The ``danet_torch`` module of ``spec``, in eval mode and ``spec.dtype``."""
     import torch
 
-    import danet_torch as dt
+    import danet_torch
 
-    if spec.arch == "pam":
-        m = dt.PositionAttention(spec.channels, reduction=spec.reduction)
-    elif spec.arch == "cam":
-        m = dt.ChannelAttention(spec.channels)
-    elif spec.arch == "dual_attention":
-        m = dt.DualAttention(spec.channels, out_channels=spec.out_channels, inter_channels=spec.inter_channels,
-                             reduction=spec.reduction)
-    elif spec.arch == "head":
-        m = dt.DANetHead(spec.channels, spec.num_classes, reduction=spec.reduction)
-    else:
-        m = dt.DANet(spec.num_classes, backbone=spec.backbone, output_stride=spec.output_stride,
-                     deep_stem=spec.deep_stem, multi_grid=spec.multi_grid)
-    m.eval()
+    cls = getattr(danet_torch, spec.info.class_name)
+    model = cls(**_constructor_kwargs(cls, spec, exclude=("data_format",))).eval()
     if spec.dtype != "float32":
-        m.to(getattr(torch, spec.dtype))
-    return m
+        model.to(getattr(torch, spec.dtype))
+    return model
 
 
 def from_torch(module) -> "OrderedDict[str, np.ndarray]":
@@ -50,48 +48,50 @@ def from_torch(module) -> "OrderedDict[str, np.ndarray]":
     return OrderedDict((k, tensor_to_numpy(v)) for k, v in module.state_dict().items())
 
 
-def to_torch(neutral, arch: ArchSpec | None = None, allow_partial: bool = False):
-    """The ``danet_torch`` module of ``arch`` (inferred if ``None``) holding ``neutral``; strict by default."""
-    spec = arch if arch is not None else infer_arch(neutral)
+def to_torch(weights, arch: ArchSpec | None = None, allow_partial: bool = False):
+    """The ``danet_torch`` module of ``arch`` (inferred if ``None``) holding ``weights``; strict by default."""
+    spec = arch if arch is not None else infer_arch(weights)
     model = build_torch(spec)
     expected = OrderedDict((k, tuple(v.shape)) for k, v in model.state_dict().items())
-    check_strict(expected, neutral, context=spec.describe(), allow_partial=allow_partial)
-    state = {k: numpy_to_tensor(v) for k, v in neutral.items()
+    check_strict(expected, weights, context=spec.describe(), allow_partial=allow_partial)
+    state = {k: numpy_to_tensor(v) for k, v in weights.items()
              if k in expected and tuple(np.shape(v)) == expected[k]}
     model.load_state_dict(state, strict=not allow_partial)
     return model
 
 
 # -- Keras ---------------------------------------------------------------------------------------
-def build_keras(spec: ArchSpec, data_format: str | None = None):
-    """The ``danet_keras`` layer of ``spec``, built (its variables exist), in ``spec.dtype``.
 
-    Keras layers take their input channels from ``build``: the layer is built
-    for ``(None, None, None, channels)`` (``channels_last``).
-    """
-    import danet_keras as dk
 
-    kw = {} if spec.dtype == "float32" else {"dtype": spec.dtype}
-    if data_format is not None:
-        kw["data_format"] = data_format
-    if spec.arch == "pam":
-        layer = dk.PositionAttention(reduction=spec.reduction, **kw)
-    elif spec.arch == "cam":
-        if spec.channels is None:
-            raise ConvertError("A Keras ChannelAttention is built for a channel count and its weights (`gamma`) do "
-                               "not tell it: pass --channels (channels=...).")
-        layer = dk.ChannelAttention(**kw)
-    elif spec.arch == "dual_attention":
-        layer = dk.DualAttention(out_channels=spec.out_channels, inter_channels=spec.inter_channels,
-                                 reduction=spec.reduction, **kw)
-    elif spec.arch == "head":
-        layer = dk.DANetHead(spec.num_classes, reduction=spec.reduction, **kw)
+@contextlib.contextmanager
+def keras_precision(dtype: str):
+    """Let the Keras backend hold ``dtype``: JAX keeps float64 only with x64 enabled (scoped here)."""
+    import keras
+
+    if dtype == "float64" and keras.backend.backend() == "jax":
+        import jax
+
+        with jax.enable_x64(True):
+            yield
     else:
-        layer = dk.DANet(spec.num_classes, backbone=spec.backbone, output_stride=spec.output_stride,
-                         deep_stem=spec.deep_stem, multi_grid=spec.multi_grid, **kw)
-    fmt = getattr(layer, "data_format", "channels_last")
-    c = spec.input_channels
-    layer.build((None, c, None, None) if fmt == "channels_first" else (None, None, None, c))
+        yield
+
+
+def build_keras(spec: ArchSpec):
+    """The ``danet_keras`` layer of ``spec``, built (its variables exist), in ``spec.dtype`` and ``spec.data_format``."""
+    import danet_keras
+
+    if spec.kind == "cam" and spec.in_channels is None:
+        raise ConvertError("A Keras ChannelAttention is built for a channel count and its weights (`gamma`) do "
+                           "not tell it: pass --in-channels.")
+    cls = getattr(danet_keras, spec.info.class_name)
+    kwargs = _constructor_kwargs(cls, spec)
+    if spec.dtype != "float32":
+        kwargs["dtype"] = spec.dtype
+    with keras_precision(spec.dtype):
+        layer = cls(**kwargs)
+        c = spec.in_channels
+        layer.build((None, c, None, None) if spec.data_format == "channels_first" else (None, None, None, c))
     return layer
 
 
@@ -102,33 +102,25 @@ def _check_coverage(layer, assigned_ids, spec):
                            f"name table does not cover: {left[:5]}; the mirror rule is broken.")
 
 
-def to_keras(neutral, arch: ArchSpec | None = None, allow_partial: bool = False, layer=None):
-    """The ``danet_keras`` layer of ``arch`` holding ``neutral`` (strict by default), via the name table."""
-    spec = arch if arch is not None else infer_arch(neutral)
-    check_strict(expected_shapes(spec), neutral, context=spec.describe(), allow_partial=allow_partial)
+def to_keras(weights, arch: ArchSpec | None = None, allow_partial: bool = False, layer=None):
+    """The ``danet_keras`` layer of ``arch`` holding ``weights`` (strict by default), via the name table."""
+    spec = arch if arch is not None else infer_arch(weights)
+    check_strict(expected_shapes(spec), weights, context=spec.describe(), allow_partial=allow_partial)
     layer = build_keras(spec) if layer is None else layer
     assigned = set()
-    for row in keras_table(spec):
-        var = resolve_keras(layer, row.keras_path)
-        assigned.add(id(var))
-        if row.torch_name not in neutral or tuple(np.shape(neutral[row.torch_name])) != row.torch_shape:
-            continue  # allow_partial: left at its initial value
-        value = to_keras_layout(neutral[row.torch_name], row.rule)
-        if tuple(var.shape) != tuple(value.shape):
-            raise ConvertError(f"`{row.keras_path}` has shape {tuple(var.shape)}, the table expects "
-                               f"{tuple(value.shape)} for `{row.torch_name}`.")
-        var.assign(np.asarray(value).astype(_np_dtype(var.dtype), copy=False))
+    with keras_precision(spec.dtype):
+        for row in keras_table(spec):
+            var = resolve_keras(layer, row.keras_path)
+            assigned.add(id(var))
+            if row.torch_name not in weights or tuple(np.shape(weights[row.torch_name])) != row.torch_shape:
+                continue  # allow_partial: left at its initial value
+            value = to_keras_layout(weights[row.torch_name], row.rule)
+            if tuple(var.shape) != tuple(value.shape):
+                raise ConvertError(f"`{row.keras_path}` has shape {tuple(var.shape)}, the table expects "
+                                   f"{tuple(value.shape)} for `{row.torch_name}`.")
+            var.assign(np.asarray(value).astype(numpy_dtype(var.dtype), copy=False))
     _check_coverage(layer, assigned, spec)
     return layer
-
-
-def _np_dtype(dtype):
-    name = getattr(dtype, "name", str(dtype)).replace("torch.", "")
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(name)
 
 
 def from_keras(layer, arch: ArchSpec | None = None) -> "OrderedDict[str, np.ndarray]":
@@ -145,26 +137,38 @@ def from_keras(layer, arch: ArchSpec | None = None) -> "OrderedDict[str, np.ndar
     return out
 
 
+def danet_layer_of(model):
+    """``(the danet_keras layer in model, [other layers holding weights])``.
+
+    ``model`` is a ``danet_keras`` layer itself, or a Keras model that holds
+    exactly one of them (a U-Net with ``DualAttention`` at its bottleneck).
+
+    Raises:
+        ConvertError: no danet_keras layer, or more than one.
+    """
+    classes = {kind.class_name for kind in KINDS.values()}
+    if type(model).__name__ in classes:
+        return model, []
+    inner = [sub for sub in getattr(model, "layers", []) if type(sub).__name__ in classes]
+    if len(inner) != 1:
+        found = ", ".join(f"{type(s).__name__} {s.name!r}" for s in inner) or "none"
+        raise ConvertError(f"Not a danet_keras model: {type(model).__name__} {getattr(model, 'name', '')!r}; "
+                           f"accepted: {sorted(classes)}, or a Keras model holding exactly one of them "
+                           f"(found: {found}).")
+    others = [sub for sub in model.layers if sub is not inner[0] and sub.weights]
+    return inner[0], others
+
+
 def spec_from_keras(layer) -> ArchSpec:
-    """The :class:`ArchSpec` of a ``danet_keras`` layer (its class and config)."""
-    name = type(layer).__name__
-    if name not in KERAS_CLASSES:
-        inner = [sub for sub in getattr(layer, "layers", []) if type(sub).__name__ in KERAS_CLASSES]
-        if len(inner) == 1:
-            return spec_from_keras(inner[0])
-        raise ConvertError(f"Not a danet_keras layer: {name}; accepted: {sorted(KERAS_CLASSES)} (or a "
-                           f"Functional model wrapping exactly one of them).")
-    cfg = layer.get_config()
-    arch = KERAS_CLASSES[name]
+    """The :class:`ArchSpec` of a ``danet_keras`` layer (its class, config and built input)."""
+    layer, _ = danet_layer_of(layer)
+    kind = next(k.name for k in KINDS.values() if k.class_name == type(layer).__name__)
+    config = layer.get_config()
     policy = getattr(layer, "dtype_policy", None)
-    d = {"arch": arch, "dtype": str(getattr(policy, "variable_dtype", None) or "float32")}
-    for key in ("num_classes", "backbone", "deep_stem", "output_stride", "reduction", "inter_channels",
-                "out_channels", "multi_grid"):
-        if key in cfg:
-            d[key] = cfg[key]
-    if arch != "danet":
-        d["channels"] = getattr(layer, "in_channels", None)
-    if arch == "dual_attention" and d["channels"] is not None:
-        d["inter_channels"] = d.get("inter_channels") or d["channels"] // 4
-        d["out_channels"] = d.get("out_channels") or d["channels"]
-    return ArchSpec.from_dict(d)
+    record = {"kind": kind, "dtype": str(getattr(policy, "variable_dtype", None) or "float32")}
+    for key in KINDS[kind].fields + ("data_format",):
+        if key in config:
+            record[key] = tuple(config[key]) if isinstance(config[key], list) else config[key]
+    if kind != "danet" or getattr(layer, "in_channels", None) is not None:
+        record["in_channels"] = getattr(layer, "in_channels", None) or record.get("in_channels")
+    return ArchSpec(**record)

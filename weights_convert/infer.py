@@ -1,9 +1,13 @@
-"""Infer the architecture from the weights; explicit options override.
+"""The architecture of a set of weights, from their torch names and shapes; what cannot be seen is assumed aloud.
 
-Classes come from the classifier's shape, depth from the number of layer3
-blocks, the stem from ``conv1``, channels from ``conv5a``. Output stride and
-multi-grid are not in the weights: the released checkpoint's (8, (4, 8, 16))
-are the defaults.
+One engine for every source: a state_dict's names, and a Keras
+``.weights.h5`` whose dataset paths were first translated to torch names
+(:func:`weights_convert.io_keras.torch_names_of_h5`). Classes come from the
+classifier, depth from the number of layer3 blocks, the stem from ``conv1``,
+channels from ``conv5a`` / ``query_conv``, the reduction from the query conv.
+Output stride, multi-grid and dropout are not in the weights: the released
+checkpoint's values are assumed, and each assumption is said in a note that
+names the option that changes it.
 """
 
 from __future__ import annotations
@@ -11,87 +15,120 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
-from .arch import ArchSpec, BACKBONE_DEPTHS
+from .arch import BACKBONE_DEPTHS, KINDS, ArchSpec, apply_overrides
 from .errors import ConvertError
 from .neutral import float_dtype
 
-__all__ = ["infer_arch"]
+__all__ = ["infer_arch", "infer_record", "detect_kind", "ASSUMPTIONS"]
+
+# field -> (what is assumed, how to change it)
+ASSUMPTIONS = {
+    "output_stride": "output stride 8 assumed (the released checkpoint's); pass `--output-stride 16` for weights "
+                     "trained at output stride 16",
+    "multi_grid": "multi-grid (4, 8, 16) assumed, as in the released checkpoint; mmseg-trained weights need "
+                  "`--multi-grid none`",
+    "dropout": "dropout 0.1 before the classifiers assumed (training only; `--dropout` to change)",
+}
 
 
-def _shape(neutral, key):
-    return tuple(neutral[key].shape)
+def _shape(shapes, key):
+    value = shapes[key]
+    return tuple(getattr(value, "shape", value))
 
 
-def _reduction(channels: int, key_channels: int) -> int:
-    return max(1, channels // max(1, key_channels))
+def detect_kind(names) -> str | None:
+    """The kind whose characteristic keys ``names`` hold, or ``None``."""
+    names = set(names)
+    if any(k.startswith(("pretrained.", "head.")) for k in names):
+        return "danet"
+    if "conv6.1.weight" in names or "conv8.1.weight" in names:
+        return "head"
+    if "conv5a.0.weight" in names:
+        return "dual_attention"
+    if "query_conv.weight" in names:
+        return "pam"
+    if names == {"gamma"}:
+        return "cam"
+    return None
 
 
-def infer_arch(neutral: Mapping, **overrides) -> ArchSpec:
-    """An :class:`ArchSpec` for ``neutral`` (``{torch name: array}``).
+def _reductions(channels: int, key_channels: int) -> list:
+    return [r for r in range(1, channels + 1) if channels // r == key_channels]
+
+
+def infer_record(weights: Mapping, hints: Mapping | None = None, overrides: Mapping | None = None):
+    """``(ArchSpec, notes)`` for ``weights`` (``{torch name: array or shape}``).
 
     Args:
-        neutral: The weights.
-        **overrides: ``ArchSpec`` fields that win over what is inferred
-            (``arch``, ``num_classes``, ``backbone``, ``deep_stem``,
-            ``output_stride``, ``multi_grid``, ``channels``, ...). ``None`` is ignored
-            (except ``multi_grid=None``, which means no multi-grid).
+        weights: The weights, or their shapes.
+        hints: Fields known from the source without being visible in the
+            weights (an importer's, for example mmseg's ``multi_grid=None``);
+            they are not reported as assumptions.
+        overrides: Fields given by the user; they win, with a note when
+            they change what was inferred (:func:`apply_overrides`).
 
     Raises:
-        ConvertError: nothing recognisable in the weights and no ``arch`` given.
+        ConvertError: nothing recognisable, or the inferred record is invalid.
     """
-    keys = list(neutral)
-    inferred: dict = {"dtype": float_dtype(neutral)}
-    arch = overrides.get("arch")
-    if arch is None:
-        if any(k.startswith("pretrained.") for k in keys) or any(k.startswith("head.") for k in keys):
-            arch = "danet"
-        elif "conv6.1.weight" in neutral or "conv8.1.weight" in neutral:
-            arch = "head"
-        elif "conv5a.0.weight" in neutral:
-            arch = "dual_attention"
-        elif "query_conv.weight" in neutral:
-            arch = "pam"
-        elif keys == ["gamma"]:
-            arch = "cam"
-        else:
-            sample = ", ".join(keys[:5]) or "(no tensors)"
-            raise ConvertError(
-                f"Cannot infer the architecture from the weights (first keys: {sample}); expected the keys of "
-                f"a DANet (`pretrained.*`, `head.*`), DANetHead (`conv5a.*`, `conv6.1.*`), DualAttention, "
-                f"PositionAttention (`query_conv.*`) or ChannelAttention (`gamma`). Pass --arch.")
-    inferred["arch"] = arch
-    prefix = "head." if arch == "danet" else ""
+    hints, overrides = dict(hints or {}), dict(overrides or {})
+    kind = overrides.get("kind") or hints.get("kind") or detect_kind(weights)
+    if kind is None:
+        sample = ", ".join(list(weights)[:5]) or "(no tensors)"
+        raise ConvertError(
+            f"Cannot infer the architecture from the weights (first keys: {sample}); expected the keys of a DANet "
+            f"(`pretrained.*`, `head.*`), DANetHead (`conv5a.*`, `conv6.1.*`), DualAttention, PositionAttention "
+            f"(`query_conv.*`) or ChannelAttention (`gamma`). Pass --arch.")
+    fields, notes = {"kind": kind, "dtype": float_dtype(weights)}, []
+    prefix = "head." if kind == "danet" else ""
     try:
-        if arch in ("head", "danet") and f"{prefix}conv8.1.weight" in neutral:
-            inferred["num_classes"] = _shape(neutral, f"{prefix}conv8.1.weight")[0]
-        if arch in ("head", "dual_attention") and "conv5a.0.weight" in neutral:
-            inferred["channels"] = _shape(neutral, "conv5a.0.weight")[1]
-        if arch == "dual_attention":
-            if "conv5a.0.weight" in neutral:
-                inferred["inter_channels"] = _shape(neutral, "conv5a.0.weight")[0]
-            if "conv51.0.weight" in neutral:
-                inferred["out_channels"] = _shape(neutral, "conv51.0.weight")[0]
-        if arch == "pam" and "query_conv.weight" in neutral:
-            inferred["channels"] = _shape(neutral, "query_conv.weight")[1]
-        q = f"{prefix}sa.query_conv.weight" if arch != "pam" else "query_conv.weight"
-        if q in neutral:
-            c, k = _shape(neutral, q)[1], _shape(neutral, q)[0]
-            inferred["reduction"] = _reduction(c, k)
-        if arch == "danet":
-            blocks = {int(m.group(1)) for k in keys if (m := re.match(r"pretrained\.layer3\.(\d+)\.", k))}
-            if blocks:
-                n3 = max(blocks) + 1
-                by_n3 = {d[2]: name for name, d in BACKBONE_DEPTHS.items()}
-                if n3 in by_n3:
-                    inferred["backbone"] = by_n3[n3]
-            inferred["deep_stem"] = "pretrained.conv1.0.weight" in neutral
+        if kind in ("head", "danet") and f"{prefix}conv8.1.weight" in weights:
+            fields["num_classes"] = _shape(weights, f"{prefix}conv8.1.weight")[0]
+        if kind in ("head", "dual_attention") and "conv5a.0.weight" in weights:
+            fields["in_channels"] = _shape(weights, "conv5a.0.weight")[1]
+        if kind == "dual_attention":
+            if "conv5a.0.weight" in weights:
+                fields["inter_channels"] = _shape(weights, "conv5a.0.weight")[0]
+            if "conv51.0.weight" in weights:
+                fields["out_channels"] = _shape(weights, "conv51.0.weight")[0]
+        query = {"pam": "query_conv.weight", "danet": "head.sa.query_conv.weight"}.get(kind, "sa.query_conv.weight")
+        if kind == "pam" and query in weights:
+            fields["in_channels"] = _shape(weights, query)[1]
+        if query in weights and "reduction" not in overrides:
+            channels, key_channels = _shape(weights, query)[1], _shape(weights, query)[0]
+            options = _reductions(channels, key_channels)
+            fields["reduction"] = 8 if 8 in options else (options[0] if options else 8)
+            if len(options) > 1 and 8 not in options:
+                notes.append(f"reduction {fields['reduction']} assumed: any of {options[0]}..{options[-1]} gives "
+                             f"{key_channels} query channels for {channels} channels (identical models; "
+                             f"`--reduction` to record another)")
+        if kind == "danet":
+            blocks = {int(m.group(1)) for k in weights if (m := re.match(r"pretrained\.layer3\.(\d+)\.", k))}
+            by_blocks = {depth[2]: name for name, depth in BACKBONE_DEPTHS.items()}
+            if blocks and max(blocks) + 1 in by_blocks:
+                fields["backbone"] = by_blocks[max(blocks) + 1]
+            fields["deep_stem"] = "pretrained.conv1.0.weight" in weights
+            stem = "pretrained.conv1.0.weight" if fields["deep_stem"] else "pretrained.conv1.weight"
+            if stem in weights:
+                fields["in_channels"] = _shape(weights, stem)[1]
     except (IndexError, TypeError) as e:  # a tensor of the wrong rank
         raise ConvertError(f"Cannot infer the architecture: a tensor has an unexpected rank ({e}).") from e
-    merged = dict(inferred)
-    for k, v in overrides.items():
-        if v is not None or k == "multi_grid":
-            merged[k] = v
+    fields.update(hints)
+    if kind in KINDS:
+        for name in ASSUMPTIONS:
+            if name in KINDS[kind].fields and name not in hints and name not in overrides:
+                notes.append(ASSUMPTIONS[name])
     try:
-        return ArchSpec.from_dict(merged)
+        spec, changed = apply_overrides(ArchSpec(**{k: v for k, v in fields.items() if k in _applicable(kind)}),
+                                        overrides, "the weights")
     except ValueError as e:
-        raise ConvertError(f"{e} (inferred from the weights: {inferred}; pass it as an option).") from e
+        raise ConvertError(f"{e} (inferred from the weights: {fields}; pass it as an option).") from e
+    return spec, notes + changed
+
+
+def _applicable(kind):
+    return ("kind", "dtype", "data_format") + (KINDS[kind].fields if kind in KINDS else ())
+
+
+def infer_arch(weights: Mapping, **overrides) -> ArchSpec:
+    """The :class:`ArchSpec` of ``weights``; ``overrides`` (record fields) win. See :func:`infer_record`."""
+    return infer_record(weights, overrides=overrides)[0]

@@ -1,4 +1,4 @@
-"""``.safetensors`` and ``.npz``: plain name -> array files; the ArchSpec rides along as metadata."""
+"""``.safetensors`` and ``.npz``: plain name -> array files; the architecture record rides along as metadata."""
 
 from __future__ import annotations
 
@@ -47,16 +47,20 @@ def _read_safetensors_torch(path):
 
 
 def _meta(text):
+    """The stored record, or ``None`` when there is none; a damaged one is an error, never ignored."""
     if not text:
         return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return None
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"the architecture record `{METADATA_KEY}` is not JSON ({e}).") from e
+    if not isinstance(record, dict):
+        raise CorruptFileError(f"the architecture record `{METADATA_KEY}` is not a JSON object: {text[:80]!r}.")
+    return record
 
 
-def write_safetensors(neutral, path, metadata: str | None = None):
-    meta = {METADATA_KEY: metadata} if metadata else None
+def write_safetensors(neutral, path, record: dict | None = None):
+    meta = {METADATA_KEY: json.dumps(record, sort_keys=True)} if record else None
     if any(np.asarray(v).dtype.name == "bfloat16" for v in neutral.values()):
         from safetensors.torch import save_file as save_torch
 
@@ -87,11 +91,11 @@ def read_npz(path):
     return tensors, _meta(str(meta[()]) if meta is not None else None)
 
 
-def write_npz(neutral, path, metadata: str | None = None):
+def write_npz(neutral, path, record: dict | None = None):
     arrays = OrderedDict((k, np.asarray(v)) for k, v in neutral.items())
     if any(a.dtype.name == "bfloat16" for a in arrays.values()):
         raise ConvertError("`.npz` cannot hold bfloat16 portably; write .safetensors or .pth instead.")
-    if metadata:
-        arrays[NPZ_METADATA] = np.array(metadata)
+    if record:
+        arrays[NPZ_METADATA] = np.array(json.dumps(record, sort_keys=True))
     with open(path, "wb") as f:  # a file object: numpy would append ".npz" to a path
         np.savez(f, **arrays)

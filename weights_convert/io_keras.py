@@ -1,23 +1,37 @@
 """Keras ``.keras`` (config + weights) and ``.weights.h5`` (weights only).
 
 ``.keras`` is loaded with ``safe_mode=True`` (no lambdas / arbitrary code) and
-its architecture comes from the saved config. ``.weights.h5`` holds no
-architecture: it is inferred from the dataset paths and shapes (the Keras
-layers are named after the torch attributes), or read from the ``danet_arch``
-attribute this converter writes; explicit options override either.
+its architecture comes from the saved config. A ``.weights.h5`` written here
+carries the architecture record in its ``danet_arch`` attribute; one written
+by ``save_weights`` alone is inferred from its dataset paths and shapes
+(translated to torch names, then the one inference engine). Explicit options
+override either, with a note.
+
+On JAX, reading and writing run with 64-bit types enabled (scoped), so
+float64 weights stay float64 on every backend. Layers (not only models) are
+saved and loaded through Keras' weights-only saving library.
 """
 
 from __future__ import annotations
 
 import re
 
-from .arch import ArchSpec
+from .arch import ArchSpec, apply_overrides
 from .errors import ConvertError, CorruptFileError, UnsafeFileError
-from .frameworks import from_keras, spec_from_keras, to_keras
+from .frameworks import danet_layer_of, from_keras, keras_precision, spec_from_keras, to_keras
+from .infer import infer_record
+from .mapping import RULES, inverse_axes
 
-__all__ = ["read_keras", "write_keras", "read_weights_h5", "write_weights_h5", "infer_h5"]
+__all__ = ["read_keras", "write_keras", "read_weights_h5", "write_weights_h5", "torch_names_of_h5", "H5_ATTR"]
 
 H5_ATTR = "danet_arch"
+
+
+def _saving_lib():
+    """Keras' weights-only saving (what ``Model.save_weights`` calls), which also takes a bare layer."""
+    from keras.src.saving import saving_lib
+
+    return saving_lib
 
 
 def _import_danet_keras():
@@ -27,17 +41,33 @@ def _import_danet_keras():
         raise ConvertError(f"Keras formats need `danet_keras` (and Keras): {e}") from e
 
 
-def read_keras(path):
-    """``(neutral, spec)`` of a ``.keras`` file."""
+def read_keras(path, allow_partial: bool = False):
+    """``(weights, spec, notes)`` of a ``.keras`` file; its architecture is its saved config.
+
+    A model that holds weights outside its danet_keras layer (a U-Net with
+    ``DualAttention`` at the bottleneck) is refused, naming those layers,
+    unless ``allow_partial``: then the danet_keras layer's weights are read
+    and the note lists what was left out.
+    """
     _import_danet_keras()
     import keras
 
     try:
-        layer = keras.saving.load_model(str(path), compile=False, safe_mode=True)
+        with keras_precision("float64"):  # a float64 model keeps its dtype on JAX
+            model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
     except Exception as e:  # zip, JSON, h5 or deserialisation errors
         raise _keras_load_error(path, e) from e
+    layer, others = danet_layer_of(model)
+    notes = []
+    if others:
+        names = ", ".join(f"{o.name!r} ({type(o).__name__}, {len(o.weights)} weights)" for o in others)
+        if not allow_partial:
+            raise ConvertError(f"{str(path)!r} is a {type(model).__name__} whose weights are not all in its "
+                               f"{type(layer).__name__} {layer.name!r}: converting it would drop {names}. Refused; "
+                               f"pass --allow-partial to convert the {type(layer).__name__} alone.")
+        notes.append(f"converted the {type(layer).__name__} {layer.name!r} alone; left out {names}")
     spec = spec_from_keras(layer)
-    return from_keras(_unwrap(layer), spec), spec
+    return from_keras(layer, spec), spec, notes
 
 
 def _error_text(e: BaseException) -> str:
@@ -79,139 +109,106 @@ def _keras_load_error(path, e: BaseException) -> ConvertError:
                             f"{type(e).__name__}: {first}")
 
 
-def _unwrap(layer):
-    from .frameworks import KERAS_CLASSES
-
-    if type(layer).__name__ in KERAS_CLASSES:
-        return layer
-    return next(sub for sub in layer.layers if type(sub).__name__ in KERAS_CLASSES)
-
-
-def write_keras(neutral, spec: ArchSpec, path):
+def write_keras(weights, spec: ArchSpec, path):
     import keras
 
     _import_danet_keras()
-    layer = to_keras(neutral, spec)
-    keras.saving.save_model(layer, str(path))
+    with keras_precision(spec.dtype):
+        keras.saving.save_model(to_keras(weights, spec), str(path))
 
 
 def _h5_datasets(path):
     import h5py
 
-    rows, meta = [], None
+    rows, record, dtypes = [], None, []
     try:
         with h5py.File(str(path), "r") as f:
-            meta = f.attrs.get(H5_ATTR)
-            f.visititems(lambda name, obj: rows.append((name, tuple(obj.shape)))
-                         if isinstance(obj, h5py.Dataset) else None)
+            record = f.attrs.get(H5_ATTR)
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset):
+                    rows.append((name, tuple(obj.shape)))
+                    dtypes.append(obj.dtype.name)
+
+            f.visititems(visit)
     except OSError as e:
         raise CorruptFileError(f"{str(path)!r} is truncated or corrupt, or not an HDF5 file: {e}") from e
-    if isinstance(meta, bytes):
-        meta = meta.decode()
-    return rows, meta
+    if isinstance(record, bytes):
+        record = record.decode()
+    floats = [d for d in dtypes if d.startswith(("float", "bfloat"))]
+    return rows, record, (max(set(floats), key=floats.count) if floats else "float32")
 
 
-def infer_h5(rows) -> dict:
-    """ArchSpec fields from ``[(dataset path, shape)]`` of a danet_keras ``.weights.h5``."""
-    def seg(name):
-        return [r for r in rows if f"/{name}/" in f"/{r[0]}"]
+# A danet_keras .weights.h5 names datasets by Keras' saving layout (a Sequential's items by class:
+# ``conv5a/layers/conv2d/vars/0``). These rules translate the datasets the inference reads into
+# torch names; shapes go from Keras' layout to torch's with the mapping's own rule.
+_H5_NAMES = (
+    (re.compile(r"(?:^|/)(conv5[ac12])/layers/conv2d/vars/0$"), "{p}{0}.0.weight", "conv_kernel"),
+    (re.compile(r"(?:^|/)(conv[678])/layers/conv2d/vars/0$"), "{p}{0}.1.weight", "conv_kernel"),
+    (re.compile(r"(?:^|/)sa/query_conv/vars/0$"), "{p}sa.query_conv.weight", "conv_kernel"),
+    (re.compile(r"^query_conv/vars/0$"), "query_conv.weight", "conv_kernel"),
+    (re.compile(r"(?:dilated_res_net|pretrained)/conv1/layers/conv2d/vars/0$"), "pretrained.conv1.0.weight",
+     "conv_kernel"),
+    (re.compile(r"(?:dilated_res_net|pretrained)/conv1/vars/0$"), "pretrained.conv1.weight", "conv_kernel"),
+    (re.compile(r"(?:dilated_res_net|pretrained)/layer3/layers/bottleneck(?:_(\d+))?/conv1/vars/0$"),
+     "pretrained.layer3.{block}.conv1.weight", "conv_kernel"),
+)
 
-    def kernel(name):
-        return next((s for p, s in seg(name) if len(s) == 4), None)
 
-    d: dict = {}
-    if seg("pretrained"):
-        d["arch"] = "danet"
-        blocks = {m.group(1) for p, _ in rows if (m := re.search(r"layer3/layers/([^/]+)/", p))}
-        d["backbone"] = "resnet101" if len(blocks) > 6 else "resnet50"
-        d["deep_stem"] = any(re.search(r"pretrained/conv1/layers/", p) for p, _ in rows)
-    elif seg("conv6") or seg("conv8"):
-        d["arch"] = "head"
-    elif seg("conv5a"):
-        d["arch"] = "dual_attention"
-    elif seg("query_conv"):
-        d["arch"] = "pam"
-    elif len(rows) == 1 and rows[0][1] == (1,):
-        d["arch"] = "cam"
-    else:
-        raise ConvertError("Cannot infer the architecture of this .weights.h5 (no danet_keras layer names in it: "
-                           f"{[p for p, _ in rows[:3]]}); pass --arch and its options.")
-    if (k := kernel("conv8")) is not None:
-        d["num_classes"] = k[3]
-    if d["arch"] in ("head", "dual_attention") and (k := kernel("conv5a")) is not None:
-        d["channels"] = k[2]
-        if d["arch"] == "dual_attention":
-            d["inter_channels"] = k[3]
-            if (k51 := kernel("conv51")) is not None:
-                d["out_channels"] = k51[3]
-    if (q := kernel("query_conv")) is not None:
-        if d["arch"] == "pam":
-            d["channels"] = q[2]
-        d["reduction"] = max(1, q[2] // max(1, q[3]))
-    return d
+def torch_names_of_h5(rows) -> dict:
+    """``{torch name: torch shape}`` for the datasets of a danet_keras ``.weights.h5`` that inference reads."""
+    danet = any(re.search(r"(?:^|/)(?:dilated_res_net|pretrained)/", p) for p, _ in rows)
+    out = {}
+    for path, shape in rows:
+        for pattern, template, rule in _H5_NAMES:
+            m = pattern.search(path)
+            if m:
+                groups = m.groups()
+                block = int(groups[0]) if "block" in template and groups[0] else 0
+                name = template.format(*groups, p="head." if danet else "", block=block)
+                out[name] = tuple(shape[a] for a in inverse_axes(RULES[rule][0]))
+                break
+    if not out and len(rows) == 1 and rows[0][1] == (1,):
+        out["gamma"] = (1,)
+    return out
 
 
 def read_weights_h5(path, overrides: dict | None = None):
-    """``(neutral, spec)`` of a ``.weights.h5``: build the inferred architecture, load, read back."""
+    """``(weights, spec, notes, stored)`` of a ``.weights.h5``: build the stored (or inferred) architecture, load,
+    read back; ``stored`` says whether the record came from the file."""
     _import_danet_keras()
     import json
 
-    rows, meta = _h5_datasets(path)
-    try:
-        fields = json.loads(meta) if meta else infer_h5(rows)
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(f"{str(path)!r} has a corrupt `danet_arch` attribute (not JSON: {e}).") from e
-    fields.update({k: v for k, v in (overrides or {}).items() if v is not None or k == "multi_grid"})
-    dtype = _h5_dtype(path)
-    fields.setdefault("dtype", dtype)
-    try:
-        spec = ArchSpec.from_dict(fields)
-    except ValueError as e:
-        raise ConvertError(f"{e} (from the .weights.h5: {fields}); pass it as an option.") from e
-    from .frameworks import build_keras
-
-    layer = build_keras(spec)
-    n_vars = len(layer.weights)
-    if n_vars != len(rows):
-        raise ConvertError(f"{str(path)!r} holds {len(rows)} arrays but {spec.describe()} has {n_vars} Keras "
-                           f"weights; pass --arch/--num-classes/--backbone/... to pick the architecture.")
-    try:
-        _load_weights(layer, path)
-    except Exception as e:
-        raise ConvertError(f"{str(path)!r} does not load into {spec.describe()}: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    return from_keras(layer, spec), spec
-
-
-def _h5_dtype(path):
-    import h5py
-
-    with h5py.File(str(path), "r") as f:
-        found = []
-        f.visititems(lambda n, o: found.append(o.dtype.name) if isinstance(o, h5py.Dataset) else None)
-    floats = [d for d in found if d.startswith(("float", "bfloat"))]
-    return max(set(floats), key=floats.count) if floats else "float32"
-
-
-def _load_weights(layer, path):
-    if hasattr(layer, "load_weights"):
-        layer.load_weights(str(path))
+    rows, record, dtype = _h5_datasets(path)
+    if record:
+        try:
+            spec = ArchSpec.from_dict(json.loads(record))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise CorruptFileError(f"{str(path)!r} has a corrupt `{H5_ATTR}` attribute: {e}") from e
+        spec, notes = apply_overrides(spec, overrides or {}, "the stored record")
     else:
-        from keras.src.saving import saving_lib
+        spec, notes = infer_record(torch_names_of_h5(rows), hints={"dtype": dtype}, overrides=overrides)
+    with keras_precision(spec.dtype):
+        layer = spec.build_keras()
+        if len(layer.weights) != len(rows):
+            raise ConvertError(f"{str(path)!r} holds {len(rows)} arrays but {spec.describe()} has "
+                               f"{len(layer.weights)} Keras weights; pass --arch/--num-classes/--backbone/... "
+                               f"to pick the architecture.")
+        try:
+            _saving_lib().load_weights_only(layer, str(path))
+        except Exception as e:
+            raise ConvertError(f"{str(path)!r} does not load into {spec.describe()}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        return from_keras(layer, spec), spec, notes, bool(record)
 
-        saving_lib.load_weights_only(layer, str(path))
 
+def write_weights_h5(weights, spec: ArchSpec, path):
+    import json
 
-def write_weights_h5(neutral, spec: ArchSpec, path):
     import h5py
 
     _import_danet_keras()
-    layer = to_keras(neutral, spec)
-    if hasattr(layer, "save_weights"):
-        layer.save_weights(str(path))
-    else:
-        from keras.src.saving import saving_lib
-
-        saving_lib.save_weights_only(layer, str(path))
+    with keras_precision(spec.dtype):
+        _saving_lib().save_weights_only(to_keras(weights, spec), str(path))
     with h5py.File(str(path), "a") as f:
-        f.attrs[H5_ATTR] = spec.to_json()
+        f.attrs[H5_ATTR] = json.dumps(spec.to_dict(), sort_keys=True)

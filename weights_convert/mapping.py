@@ -19,14 +19,15 @@ import numpy as np
 
 from .arch import ArchSpec, expected_shapes
 
-__all__ = ["Row", "LEAF_RULES", "RULES", "leaf_kind", "keras_table", "to_keras_layout", "from_keras_layout",
-           "resolve_keras", "markdown"]
+__all__ = ["Row", "LEAF_RULES", "RULES", "leaf_kind", "keras_path", "keras_table", "to_keras_layout",
+           "from_keras_layout", "inverse_axes", "resolve_keras", "markdown"]
 
-# rule name -> (torch -> Keras transpose axes or None, description)
+# rule name -> (torch -> Keras transpose axes or None, the torch dtype restored on the way back or None, description)
 RULES = {
-    "conv_kernel": ((2, 3, 1, 0), "Conv2d weight OIHW -> Keras kernel HWIO: transpose (2, 3, 1, 0); back (3, 2, 0, 1)"),
-    "identity": (None, "identity (same shape and values)"),
-    "int64": (None, "identity; Keras may hold it as int32, restored to int64 on the way back"),
+    "conv_kernel": ((2, 3, 1, 0), None,
+                    "Conv2d weight OIHW -> Keras kernel HWIO: transpose (2, 3, 1, 0); back (3, 2, 0, 1)"),
+    "identity": (None, None, "identity (same shape and values)"),
+    "int64": (None, "int64", "identity; Keras may hold it as int32, restored to int64 on the way back"),
 }
 # (leaf kind, torch parameter) -> (Keras variable, rule)
 LEAF_RULES = {
@@ -74,6 +75,11 @@ def keras_path(name: str, kind: str) -> str:
     return f"{walk.lstrip('.')}.{var}" if walk else var
 
 
+def inverse_axes(axes):
+    """The transpose that undoes ``axes``."""
+    return tuple(int(a) for a in np.argsort(axes))
+
+
 def _keras_shape(shape, rule):
     axes = RULES[rule][0]
     return tuple(shape[a] for a in axes) if axes else tuple(shape)
@@ -97,12 +103,12 @@ def to_keras_layout(array: np.ndarray, rule: str) -> np.ndarray:
 
 
 def from_keras_layout(array: np.ndarray, rule: str) -> np.ndarray:
+    """The inverse of :func:`to_keras_layout`, derived from the same rule."""
+    axes, dtype, _ = RULES[rule]
     array = np.asarray(array)
-    if rule == "conv_kernel":
-        return np.ascontiguousarray(np.transpose(array, (3, 2, 0, 1)))
-    if rule == "int64":
-        return array.astype(np.int64)
-    return array
+    if axes is not None:
+        array = np.ascontiguousarray(np.transpose(array, inverse_axes(axes)))
+    return array.astype(dtype) if dtype is not None else array
 
 
 def resolve_keras(model, path: str):
@@ -125,7 +131,7 @@ def resolve_keras(model, path: str):
 def markdown(specs=None) -> str:
     """The weight map as Markdown: the leaf rules, then generated tables."""
     if specs is None:
-        specs = [("DANetHead(in_channels=2048, num_classes=19)", ArchSpec("head", channels=2048, num_classes=19), None),
+        specs = [("DANetHead(in_channels=2048, num_classes=19)", ArchSpec("head", in_channels=2048, num_classes=19), None),
                  ("DANet-101 (7x7 stem), backbone first blocks", ArchSpec("danet", num_classes=19),
                   lambda r: r.torch_name.startswith(("pretrained.conv1", "pretrained.bn1", "pretrained.layer1.0.",
                                                      "pretrained.layer3.22."))),
@@ -138,7 +144,7 @@ def markdown(specs=None) -> str:
            "| torch leaf | torch parameter | Keras layer | Keras variable | rule |", "|---|---|---|---|---|"]
     for (kind, param), (var, rule) in LEAF_RULES.items():
         t, k = LEAF_CLASSES[kind]
-        out.append(f"| `{t}` | `{param}` | `{k}` | `{var}` | {RULES[rule][1]} |")
+        out.append(f"| `{t}` | `{param}` | `{k}` | `{var}` | {RULES[rule][2]} |")
     for title, spec, keep in specs:
         rows = [r for r in keras_table(spec) if keep is None or keep(r)]
         total = len(keras_table(spec))
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
     if args.markdown:
         print(markdown(), end="")
     else:
-        for r in keras_table(ArchSpec("head", channels=2048, num_classes=19)):
+        for r in keras_table(ArchSpec("head", in_channels=2048, num_classes=19)):
             print(f"{r.torch_name}\t{r.keras_path}\t{r.rule}")
     return 0
 

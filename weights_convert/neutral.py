@@ -6,14 +6,11 @@ they are (``num_batches_tracked`` stays int64, bfloat16 uses ``ml_dtypes``).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Mapping
 
 import numpy as np
 
-__all__ = ["Neutral", "contiguous", "tensor_to_numpy", "numpy_to_tensor", "float_dtype", "summary"]
-
-Neutral = OrderedDict  # OrderedDict[str, np.ndarray]
+__all__ = ["contiguous", "tensor_to_numpy", "numpy_to_tensor", "numpy_dtype", "float_dtype", "summary"]
 
 
 def tensor_to_numpy(t) -> np.ndarray:
@@ -35,6 +32,16 @@ def numpy_to_tensor(a: np.ndarray):
     if a.dtype.name == "bfloat16":
         return torch.from_numpy(contiguous(a).view(np.int16)).view(torch.bfloat16).clone()
     return torch.from_numpy(contiguous(a).copy())
+
+
+def numpy_dtype(dtype) -> np.dtype:
+    """The NumPy dtype of a torch/Keras/NumPy dtype or its name (bfloat16 through ``ml_dtypes``)."""
+    name = getattr(dtype, "name", str(dtype)).replace("torch.", "")
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def contiguous(a: np.ndarray) -> np.ndarray:

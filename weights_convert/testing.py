@@ -13,11 +13,11 @@ __all__ = ["randomize_", "random_torch_model", "to_mmseg_names", "SMALL_SPECS"]
 
 # Every architecture, with small channel counts where the architecture allows.
 SMALL_SPECS = {
-    "pam": ArchSpec("pam", channels=16),
-    "cam": ArchSpec("cam", channels=16),
-    "dual_attention": ArchSpec("dual_attention", channels=64),
-    "dual_attention_custom": ArchSpec("dual_attention", channels=32, inter_channels=16, out_channels=24),
-    "head": ArchSpec("head", channels=64, num_classes=5),
+    "pam": ArchSpec("pam", in_channels=16),
+    "cam": ArchSpec("cam", in_channels=16),
+    "dual_attention": ArchSpec("dual_attention", in_channels=64),
+    "dual_attention_custom": ArchSpec("dual_attention", in_channels=32, inter_channels=16, out_channels=24),
+    "head": ArchSpec("head", in_channels=64, num_classes=5),
 }
 
 

@@ -2,61 +2,61 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from .arch import ArchSpec
 from .errors import ConvertError
+from .tolerances import compare, tolerance
 
-__all__ = ["run_model", "verify"]
-
-KERAS_FORMATS = ("keras", "keras_weights")
-
-
-def _input(spec: ArchSpec, seed: int, size: int | None):
-    rng = np.random.default_rng(seed)
-    channels = spec.input_channels or 8
-    size = size or (33 if spec.arch == "danet" else 8)
-    return rng.standard_normal((1, channels, size, size))
+__all__ = ["example_input", "run_model", "verify"]
 
 
-def run_model(neutral, spec: ArchSpec, framework: str, x_nchw: np.ndarray) -> list:
-    """Outputs (NCHW NumPy arrays) of the ``framework`` model holding ``neutral`` on ``x_nchw``."""
+
+def example_input(spec: ArchSpec, seed: int = 0, size: int | None = None) -> np.ndarray:
+    """A seeded float64 NCHW input for ``spec``: batch 1, the kind's example size (or ``size`` x ``size``)."""
+    h, w = (size, size) if size else spec.info.example_size
+    return np.random.default_rng(seed).standard_normal((1, spec.example_channels, h, w))
+
+
+def run_model(weights, spec: ArchSpec, framework: str, x_nchw: np.ndarray) -> list:
+    """Outputs (NCHW NumPy arrays, float32 or float64) of the ``framework`` model holding ``weights``."""
     if framework == "torch":
         import torch
 
         from .frameworks import to_torch
         from .neutral import numpy_to_tensor, tensor_to_numpy
 
-        model = to_torch(neutral, spec)
+        model = to_torch(weights, spec)
         with torch.no_grad():
-            out = model(numpy_to_tensor(x_nchw.astype(spec.dtype if spec.dtype != "bfloat16" else "float32"))
-                        .to(getattr(torch, spec.dtype)))
+            out = model(numpy_to_tensor(x_nchw).to(getattr(torch, spec.dtype)))
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        return [tensor_to_numpy(o.float()) for o in outs]
+        return [tensor_to_numpy(o if o.dtype == torch.float64 else o.float()) for o in outs]
     import keras
 
-    from .frameworks import to_keras
+    from .frameworks import keras_precision, to_keras
 
-    layer = to_keras(neutral, spec)
-    fmt = getattr(layer, "data_format", "channels_last")
-    x = x_nchw if fmt == "channels_first" else np.transpose(x_nchw, (0, 2, 3, 1))
-    out = layer(keras.ops.convert_to_tensor(x.astype(spec.dtype)), training=False)
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    arrays = [np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(o, "float32"))) for o in outs]
-    return arrays if fmt == "channels_first" else [np.transpose(a, (0, 3, 1, 2)) for a in arrays]
+    with keras_precision(spec.dtype):
+        layer = to_keras(weights, spec)
+        first = spec.data_format == "channels_first"
+        x = x_nchw if first else np.transpose(x_nchw, (0, 2, 3, 1))
+        kwargs = {"training": False} if "training" in inspect.signature(layer.call).parameters else {}
+        out = layer(keras.ops.convert_to_tensor(x.astype(spec.dtype)), **kwargs)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        keep = "float64" if spec.dtype == "float64" else "float32"
+        arrays = [np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(o, keep))) for o in outs]
+    return arrays if first else [np.transpose(a, (0, 3, 1, 2)) for a in arrays]
 
 
-def verify(src_neutral, src_spec, src_framework, dst_neutral, dst_spec, dst_framework, seed: int = 0,
+def verify(src_weights, src_spec, src_framework, dst_weights, dst_spec, dst_framework, seed: int = 0,
            size: int | None = None):
-    """``[Comparison]`` of every output of the two models (tolerances from ``weights_convert.tolerances``)."""
-    from .tolerances import compare, tolerance
-
-    x = _input(src_spec, seed, size)
-    a = run_model(src_neutral, src_spec, src_framework, x)
-    b = run_model(dst_neutral, dst_spec, dst_framework, x)
+    """``[Comparison]`` of every output of the two models (tolerances from :mod:`weights_convert.tolerances`)."""
+    x = example_input(src_spec, seed, size)
+    a = run_model(src_weights, src_spec, src_framework, x)
+    b = run_model(dst_weights, dst_spec, dst_framework, x)
     if len(a) != len(b):
         raise ConvertError(f"the models give {len(a)} and {len(b)} outputs")
-    names = ["fused", "pam", "cam"] if len(a) == 3 else [f"output{i}" for i in range(len(a))]
-    scope = "model" if src_spec.arch == "danet" else "layer"
-    tol = tolerance(src_spec.dtype, scope)
-    return [compare(f"{n} ({src_framework} -> {dst_framework})", bb, aa, tol) for n, aa, bb in zip(names, a, b)]
+    tol = tolerance(src_spec.dtype, src_spec.info.scope)
+    return [compare(f"{n} ({src_framework} -> {dst_framework})", bb, aa, tol)
+            for n, aa, bb in zip(src_spec.outputs, a, b)]

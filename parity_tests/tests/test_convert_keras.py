@@ -116,7 +116,7 @@ def test_keras_formats_via_cli(tmp_path, capsys):
     assert main([str(tmp_path / "m.weights.h5"), str(tmp_path / "back.pth"), "--verify"]) == 0
     out = capsys.readouterr().out
     assert out.count("PASS") == 9 and "FAIL" not in out
-    back = wc.from_torch(wc.to_torch(wc.load(tmp_path / "back.pth")[0], spec))
+    back = wc.from_torch(wc.to_torch(wc.load(tmp_path / "back.pth").weights, spec))
     _same(neutral, back)
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
@@ -130,7 +130,7 @@ def test_mmseg_checkpoint_to_keras(tmp_path, capsys):
     assert main([str(tmp_path / "mmseg.pth"), str(tmp_path / "m.weights.h5"), "--verify"]) == 0
     captured = capsys.readouterr()
     assert "skipped mmseg's FCN auxiliary head" in captured.err and "FAIL" not in captured.out
-    _same(neutral, wc.load(tmp_path / "m.weights.h5")[0])
+    _same(neutral, wc.load(tmp_path / "m.weights.h5").weights)
 
 
 @pytest.mark.parametrize("ext", [".keras", ".weights.h5"])

@@ -16,10 +16,9 @@ import weights_convert as wc  # noqa: E402
 from weights_convert.tolerances import compare, tolerance  # noqa: E402
 from weights_convert.arch import ArchSpec  # noqa: E402
 from weights_convert.cli import main  # noqa: E402
-from weights_convert.io_onnx import example_size  # noqa: E402
 from weights_convert.testing import random_torch_model  # noqa: E402
 
-SPEC = ArchSpec("head", channels=64, num_classes=5)
+SPEC = ArchSpec("head", in_channels=64, num_classes=5)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,7 @@ def test_pth_to_onnx_runs_in_onnxruntime(exported):
     assert dst.is_file()
     assert not [p for p in folder.iterdir() if ".tmp-" in p.name]  # no temporary file left
     size = 10
-    assert size != example_size(SPEC)  # a size not used at export: the axes really are dynamic
+    assert size != SPEC.info.export_size  # a size not used at export: the axes really are dynamic
     x = np.random.default_rng(1).standard_normal((2, 64, size, size)).astype(np.float32)
     sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input"]

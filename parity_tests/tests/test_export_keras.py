@@ -24,10 +24,10 @@ tf_only = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                              reason="Keras ONNX/SavedModel export runs on the TensorFlow backend only")
 
 SPECS = {
-    "pam": wc.ArchSpec(arch="pam", channels=32),
-    "cam": wc.ArchSpec(arch="cam", channels=32),
-    "dual_attention": wc.ArchSpec(arch="dual_attention", channels=32),
-    "head": wc.ArchSpec(arch="head", channels=64, num_classes=5),
+    "pam": wc.ArchSpec("pam", in_channels=32),
+    "cam": wc.ArchSpec("cam", in_channels=32),
+    "dual_attention": wc.ArchSpec("dual_attention", in_channels=32),
+    "head": wc.ArchSpec("head", in_channels=64, num_classes=5),
 }
 SIZES = [(2, 12, 12), (1, 7, 9), (3, 17, 5)]
 
@@ -51,9 +51,9 @@ def _neutral(spec, seed=0):
 
 def _model(layer, spec):
     """A Functional model (NHWC, dynamic batch/H/W) around a converted layer, called once."""
-    c = spec.channels
+    c = spec.in_channels
     inp = keras.Input((None, None, c), name="input")
-    out = layer(inp, training=False) if spec.arch in ("head", "dual_attention") else layer(inp)
+    out = layer(inp, training=False) if spec.kind in ("head", "dual_attention") else layer(inp)
     model = keras.Model(inp, out)
     model(np.zeros((1, 8, 8, c), "float32"))
     return model
@@ -65,7 +65,7 @@ def _outs(y):
 
 def _inputs(spec, seed=1):
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal((b, h, w, spec.channels)).astype("float32") for b, h, w in SIZES]
+    return [rng.standard_normal((b, h, w, spec.in_channels)).astype("float32") for b, h, w in SIZES]
 
 
 def _check(what, got, expected, scope="layer"):
@@ -95,7 +95,7 @@ def test_keras_onnx_matches_keras_and_torch_onnx(name, tmp_path):
                 {"keras": paths["keras"], "keras_nchw": keras_nchw, "torch": paths["torch"]}.items()}
     worst = {"onnx(keras) vs keras": 0.0, "onnx(keras) vs onnx(torch)": 0.0}
     for x in _inputs(spec):
-        eager = _outs(layer(x, training=False) if spec.arch != "pam" and spec.arch != "cam" else layer(x))
+        eager = _outs(layer(x, training=False) if spec.kind != "pam" and spec.kind != "cam" else layer(x))
         nhwc = sessions["keras"].run(None, {"input": x})
         worst["onnx(keras) vs keras"] = max(worst["onnx(keras) vs keras"],
                                              _check(f"onnx(keras) {name} at {x.shape}", nhwc, eager))
@@ -172,7 +172,7 @@ def test_danet50_keras_onnx_and_saved_model_match(tmp_path):
 
     from weights_convert.io_onnx import write_onnx
 
-    spec = wc.ArchSpec(arch="danet", num_classes=3, backbone="resnet50")
+    spec = wc.ArchSpec("danet", num_classes=3, backbone="resnet50")
     neutral = _neutral(spec)
     layer = wc.to_keras(neutral, spec)
     inp = keras.Input((None, None, 3), name="input")

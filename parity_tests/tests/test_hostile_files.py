@@ -17,7 +17,7 @@ import pytest
 import weights_convert as wc
 from weights_convert import cli
 
-SPEC = wc.ArchSpec(arch="pam", channels=16)
+SPEC = wc.ArchSpec("pam", in_channels=16)
 TORCH_FORMATS = [".pth", ".safetensors", ".npz"]
 KERAS_FORMATS = [".weights.h5", ".keras"]
 TRUNCATE_AT = [0, 1, 8, 0.25, 0.5, 0.9, -1]  # bytes, or a fraction of the file, -1: all but the last byte
@@ -67,7 +67,7 @@ def _fuzz(ext, tmp_path, capsys):
             assert code == 0, f"{ext} {what}: exit {code}, expected 2 (or 0 for a still-valid file)\n{err}"
             assert leftovers == [dst.name], f"{ext} {what}: left {leftovers}"
             got, _ = wc.load(dst)
-            expected, _ = wc.load(src, arch="pam", channels=16)
+            expected, _ = wc.load(src)
             for k in expected:
                 assert np.array_equal(got[k], expected[k], equal_nan=True), f"{ext} {what}: {k} differs"
         outcomes[code] += 1

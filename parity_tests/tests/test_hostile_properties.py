@@ -128,7 +128,7 @@ def _keras_layers():
     import danet_keras as dk
     import weights_convert as wc
 
-    specs = (wc.ArchSpec(arch="pam", channels=CHANNELS), wc.ArchSpec(arch="cam", channels=CHANNELS))
+    specs = (wc.ArchSpec("pam", in_channels=CHANNELS), wc.ArchSpec("cam", in_channels=CHANNELS))
     layers = []
     for i, spec in enumerate(specs):
         rng = np.random.default_rng(10 + i)

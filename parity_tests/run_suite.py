@@ -1,13 +1,14 @@
-"""Run the whole suite: everything once, then the Keras tests on each other backend.
+"""Run the whole suite: the framework-free and torch tests once, the Keras tests once per backend.
 
 Keras fixes its backend at import, so each backend runs in its own pytest
-process (``KERAS_BACKEND``). Usage::
+process (``KERAS_BACKEND``); the processes run side by side, ``--jobs`` at a
+time (default: the CPU count), and their outputs are printed whole, in
+order, as each finishes. Usage::
 
-    python -m parity_tests.run_suite [--backends tensorflow,jax,torch] [pytest args...]
+    python -m parity_tests.run_suite [--backends tensorflow,jax,torch] [--jobs N] [--slow] [pytest args...]
 
-The first backend runs every test; the others run the tests marked ``keras``.
-Tests marked ``slow`` run only with ``--slow``.
-Exits non-zero if any run fails; the last line totals all runs.
+Tests marked ``slow`` run only with ``--slow``. Exits non-zero if any run
+fails; the last line totals all runs.
 """
 
 from __future__ import annotations
@@ -18,51 +19,74 @@ import os
 import re
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+TESTS = str(Path(__file__).resolve().parent / "tests")
+COUNTS = (("passed", r"(\d+) passed"), ("failed", r"(\d+) failed"), ("skipped", r"(\d+) skipped"),
+          ("errors", r"(\d+) errors?"))
+
+
+def _runs(backends, slow: bool) -> list:
+    """``[(label, KERAS_BACKEND, marker expression)]``, longest first: JAX's Keras tests (eager JAX compiles
+    each new op), everything without Keras, then the other backends' Keras tests."""
+    extra = "" if slow else " and not slow"
+    keras = [(f"Keras tests on {b}", b, f"keras{extra}") for b in sorted(backends, key=lambda b: b != "jax")]
+    rest = ("tests without Keras", backends[0] if backends else "tensorflow", f"not keras{extra}")
+    return keras[:1] + [rest] + keras[1:]
+
+
+def _run(label, backend, marks, pytest_args):
+    cmd = [sys.executable, "-m", "pytest", TESTS, "-p", "no:cacheprovider", "-rs", "-m", marks, *pytest_args]
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    header = f"== {label} ({time.perf_counter() - start:.0f} s): KERAS_BACKEND={backend} {' '.join(cmd[2:])}"
+    return header, proc.returncode, proc.stdout
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="tensorflow,jax,torch",
                         help="comma-separated Keras backends (default: %(default)s); missing ones are skipped")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="pytest processes at a time (default: the CPU count, %(default)s)")
     parser.add_argument("--slow", action="store_true",
                         help="also run the tests marked `slow` (minutes each on 2 cores; outside CI's budget)")
     args, pytest_args = parser.parse_known_args(argv)
-    here = str(Path(__file__).resolve().parent / "tests")
-    backends = [b for b in args.backends.split(",") if b]
-    bad = [b for b in backends if b not in BACKEND_MODULES]
+    wanted = [b for b in args.backends.split(",") if b]
+    bad = [b for b in wanted if b not in BACKEND_MODULES]
     if bad:
         parser.error(f"`--backends` has {bad}; accepted: {sorted(BACKEND_MODULES)}")
-    totals = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
+    if args.jobs < 1:
+        parser.error(f"`--jobs` must be >= 1, got {args.jobs}")
+    backends = []
+    for b in wanted:
+        if importlib.util.find_spec(BACKEND_MODULES[b]) is None:
+            print(f"== Keras backend {b}: not installed, skipped", flush=True)
+        else:
+            backends.append(b)
+    totals = dict.fromkeys(("passed", "failed", "skipped", "errors"), 0)
     worst = 0
-    first = True
-    for backend in backends:
-        if importlib.util.find_spec(BACKEND_MODULES[backend]) is None:
-            print(f"== Keras backend {backend}: not installed, skipped", flush=True)
-            continue
-        cmd = [sys.executable, "-m", "pytest", here, "-p", "no:cacheprovider", "-rs", *pytest_args]
-        marks = [] if first else ["keras"]
-        if not args.slow:
-            marks.append("not slow")
-        if marks:
-            cmd += ["-m", " and ".join(marks)]
-        print(f"== Keras backend {backend}: {' '.join(cmd[2:])}", flush=True)
-        env = dict(os.environ, KERAS_BACKEND=backend)
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sys.stdout.write(proc.stdout)
-        sys.stdout.flush()
-        tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-        for key, pattern in (("passed", r"(\d+) passed"), ("failed", r"(\d+) failed"),
-                             ("skipped", r"(\d+) skipped"), ("errors", r"(\d+) errors?")):
-            m = re.search(pattern, tail)
-            totals[key] += int(m.group(1)) if m else 0
-        if proc.returncode not in (0, 5):  # 5: no tests collected (e.g. no Keras tests)
-            worst = proc.returncode or 1
-        first = False
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(_run, *run, pytest_args) for run in _runs(backends, args.slow)]
+        for future in futures:
+            header, code, output = future.result()
+            print(header, flush=True)
+            sys.stdout.write(output)
+            sys.stdout.flush()
+            tail = output.strip().splitlines()[-1] if output.strip() else ""
+            for key, pattern in COUNTS:
+                m = re.search(pattern, tail)
+                totals[key] += int(m.group(1)) if m else 0
+            if code not in (0, 5):  # 5: no tests collected (e.g. no Keras tests)
+                worst = code or 1
     failed = totals["failed"] + totals["errors"]
-    print(f"{totals['passed']} passed, {failed} failed, {totals['skipped']} skipped")
+    print(f"{totals['passed']} passed, {failed} failed, {totals['skipped']} skipped "
+          f"in {time.perf_counter() - start:.0f} s ({args.jobs} at a time)")
     if totals["passed"] == 0 and worst == 0:
         print("no test ran", file=sys.stderr)
         return 1

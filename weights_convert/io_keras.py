@@ -53,7 +53,7 @@ def read_keras(path, allow_partial: bool = False):
     import keras
 
     try:
-        with keras_precision("float64"):  # a float64 model keeps its dtype on JAX
+        with keras_precision(_keras_file_dtype(path)):  # a float64 model keeps its dtype on JAX
             model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
     except Exception as e:  # zip, JSON, h5 or deserialisation errors
         raise _keras_load_error(path, e) from e
@@ -68,6 +68,17 @@ def read_keras(path, allow_partial: bool = False):
         notes.append(f"converted the {type(layer).__name__} {layer.name!r} alone; left out {names}")
     spec = spec_from_keras(layer)
     return from_keras(layer, spec), spec, notes
+
+
+def _keras_file_dtype(path) -> str:
+    """``"float64"`` when the ``.keras`` config names a float64 dtype anywhere, else ``"float32"`` (JSON only)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(str(path)) as z:
+            return "float64" if b'"float64"' in z.read("config.json") else "float32"
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return "float32"  # load_model reports the damage
 
 
 def _error_text(e: BaseException) -> str:

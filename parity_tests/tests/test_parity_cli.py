@@ -45,7 +45,7 @@ def test_random_weights_pass_and_report_json(tmp_path):
 def test_user_weights_in_any_format(tmp_path):
     path, state = _head_weights(tmp_path)
     npz = tmp_path / "head.npz"
-    wc.save(wc.from_torch(_rebuild(state)), npz)
+    wc.save(wc.from_torch(_rebuild(state)), npz, wc.ArchSpec("head", in_channels=32, num_classes=3))
     code, out = _run("--torch-weights", str(path), "--keras-weights", str(npz), "--input-size", "7", "9",
                      "--no-gradients")
     assert code == 0, out

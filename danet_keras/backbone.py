@@ -7,7 +7,7 @@ from typing import Sequence
 import keras
 
 from ._checks import check_positive_int, check_shape, standardize_data_format
-from .layers import BatchNorm, Conv2d, MaxPool2d, spatial_axes, with_channels
+from .layers import BatchNorm, Conv2d, MaxPool2d, sequential, spatial_axes, with_channels
 
 __all__ = ["Bottleneck", "DilatedResNet", "resnet50", "resnet101", "layer_dilations", "DEPTHS"]
 
@@ -86,8 +86,8 @@ class Bottleneck(keras.layers.Layer):
         self.relu = keras.layers.ReLU(dtype=self.dtype_policy, name="relu")
         self.downsample = None
         if self.has_downsample:
-            self.downsample = keras.Sequential([Conv2d(4 * p, 1, strides=self.stride, name="0", **kw),
-                                                BatchNorm(name="1", **bn)], name="downsample")
+            self.downsample = sequential([Conv2d(4 * p, 1, strides=self.stride, name="0", **kw),
+                                          BatchNorm(name="1", **bn)], "downsample", self.dtype_policy)
             self.downsample.build(input_shape)
         shape = input_shape
         for conv, norm in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
@@ -159,8 +159,8 @@ class DilatedResNet(keras.layers.Layer):
             return keras.layers.ReLU(dtype=dt, name=name)
 
         if self.deep_stem:
-            self.conv1 = keras.Sequential([conv(64, 3, "0", 2, 1), bn("1"), relu("2"), conv(64, 3, "3", 1, 1),
-                                           bn("4"), relu("5"), conv(128, 3, "6", 1, 1)], name="conv1")
+            self.conv1 = sequential([conv(64, 3, "0", 2, 1), bn("1"), relu("2"), conv(64, 3, "3", 1, 1),
+                                     bn("4"), relu("5"), conv(128, 3, "6", 1, 1)], "conv1", dt)
             inplanes = 128
         else:
             self.conv1 = conv(64, 7, "conv1", 2, 3)
@@ -180,7 +180,7 @@ class DilatedResNet(keras.layers.Layer):
                                          downsample=first and (stride != 1 or inplanes != planes * 4),
                                          data_format=df, dtype=dt, name=str(j)))
                 inplanes = planes * 4
-            layer = keras.Sequential(blocks, name=f"layer{i}")
+            layer = sequential(blocks, f"layer{i}", dt)
             layer.build(shape)
             shape = layer.compute_output_shape(shape)
             setattr(self, f"layer{i}", layer)

@@ -6,7 +6,7 @@ import keras
 
 from ._checks import check_fused, check_positive_int, check_shape, standardize_data_format
 from .attention import ChannelAttention, PositionAttention
-from .layers import BatchNorm, Conv2d, spatial_axes, with_channels
+from .layers import BatchNorm, Conv2d, sequential, spatial_axes, with_channels
 
 __all__ = ["DualAttention", "DANetHead", "conv_bn_relu"]
 
@@ -14,11 +14,11 @@ __all__ = ["DualAttention", "DANetHead", "conv_bn_relu"]
 def conv_bn_relu(filters: int, name: str, data_format: str, dtype) -> keras.Sequential:
     """``Sequential(Conv2d 3x3 pad 1 no bias, BatchNorm, ReLU)``, items named ``0``, ``1``, ``2``."""
     axis = spatial_axes(data_format)[2]
-    return keras.Sequential([
+    return sequential([
         Conv2d(filters, 3, padding=1, use_bias=False, data_format=data_format, dtype=dtype, name="0"),
         BatchNorm(axis=axis, dtype=dtype, name="1"),
         keras.layers.ReLU(dtype=dtype, name="2"),
-    ], name=name)
+    ], name, dtype)
 
 
 @keras.saving.register_keras_serializable(package="danet")
@@ -152,10 +152,10 @@ class DANetHead(DualAttention):
         inter = self.in_channels // 4
         axis_f = self.data_format
         for name in ("conv6", "conv7", "conv8"):
-            seq = keras.Sequential([
+            seq = sequential([
                 keras.layers.SpatialDropout2D(self.dropout, data_format=axis_f, dtype=self.dtype_policy, name="0"),
                 Conv2d(self.num_classes, 1, data_format=axis_f, dtype=self.dtype_policy, name="1"),
-            ], name=name)
+            ], name, self.dtype_policy)
             seq.build(with_channels(input_shape, inter, self.data_format))
             setattr(self, name, seq)
 

@@ -22,7 +22,8 @@ from keras import ops
 
 from ._checks import standardize_data_format
 
-__all__ = ["Conv2d", "BatchNorm", "MaxPool2d", "resize_bilinear_align_corners", "spatial_axes", "with_channels"]
+__all__ = ["Conv2d", "BatchNorm", "MaxPool2d", "resize_bilinear_align_corners", "sequential", "spatial_axes",
+           "with_channels"]
 
 
 def spatial_axes(data_format: str) -> tuple[int, int, int]:
@@ -35,6 +36,17 @@ def with_channels(shape, channels: int, data_format: str) -> tuple:
     shape = list(shape)
     shape[spatial_axes(data_format)[2]] = channels
     return tuple(shape)
+
+
+def sequential(layers, name: str, dtype) -> keras.Sequential:
+    """``keras.Sequential(layers)`` (torch's ``nn.Sequential``) whose own dtype policy is ``dtype`` too.
+
+    ``keras.Sequential`` takes no ``dtype``; left at the global policy it
+    would cast a mixed-precision input back to float32 at its boundary.
+    """
+    seq = keras.Sequential(layers, name=name)
+    seq.dtype_policy = dtype
+    return seq
 
 
 def _pad_spatial(x, pad: int, data_format: str, value=0.0):

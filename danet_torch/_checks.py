@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 __all__ = ["check_input", "check_positive_int"]
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as a Python int (NumPy integers accepted); ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-    return value
+    return int(value)
 
 
 def check_input(x, channels: int | None, layer: str) -> None:

@@ -1,8 +1,9 @@
-"""A ``run_layer_test`` in the spirit of keras-hub for every danet_keras layer.
+"""Every danet_keras layer through the shared Keras layer tester (:mod:`parity_tests.tests.testers`).
 
-Config round trip (and registration), symbolic call with ``None`` dims,
-eager call, one training step that moves gamma off zero, and dtypes under
-``mixed_float16`` / ``mixed_bfloat16``.
+Weight counts and output shapes are written out by hand from the official
+architecture (a conv: kernel [+ bias]; a BatchNorm: gamma, beta trainable and
+moving mean, variance and ``num_batches_tracked`` not), never read from the
+layers under test.
 """
 
 from __future__ import annotations
@@ -15,76 +16,49 @@ keras = pytest.importorskip("keras")
 import danet_keras as dk  # noqa: E402
 from parity_tests import reference as ref  # noqa: E402
 from parity_tests.tests.helpers import check, nchw, nhwc  # noqa: E402
+from parity_tests.tests.testers import run_keras_layer_test  # noqa: E402
 
 pytestmark = pytest.mark.keras
 
+B, H, W = 2, 7, 5
+# (id, class, kwargs, input shape, output shapes, trainable, non-trainable)
 CASES = [
-    (dk.PositionAttention, {}, 16, 16),
-    (dk.PositionAttention, {"reduction": 4, "fused": True}, 16, 16),
-    (dk.ChannelAttention, {}, 16, 16),
-    (dk.DualAttention, {}, 32, 32),
-    (dk.DualAttention, {"out_channels": 8, "inter_channels": 16, "reduction": 2}, 32, 8),
-    (dk.DANetHead, {"num_classes": 3, "dropout": 0.2}, 32, 3),
+    ("pam", dk.PositionAttention, {}, (B, H, W, 16), [(B, H, W, 16)], 7, 0),
+    ("pam_r4", dk.PositionAttention, {"reduction": 4}, (B, H, W, 16), [(B, H, W, 16)], 7, 0),
+    ("cam", dk.ChannelAttention, {}, (B, H, W, 16), [(B, H, W, 16)], 1, 0),
+    ("cam_nchw", dk.ChannelAttention, {"data_format": "channels_first"}, (B, 16, H, W), [(B, 16, H, W)], 1, 0),
+    # 4 conv-BN-ReLU (3 trainable, 3 not each) + PAM (7) + CAM (1)
+    ("dual", dk.DualAttention, {}, (B, H, W, 32), [(B, H, W, 32)], 20, 12),
+    ("dual_custom", dk.DualAttention, {"out_channels": 8, "inter_channels": 16, "reduction": 2},
+     (B, H, W, 32), [(B, H, W, 8)], 20, 12),
+    # DualAttention + 3 classifiers (kernel, bias)
+    ("head", dk.DANetHead, {"num_classes": 3, "dropout": 0.2}, (B, H, W, 32), [(B, H, W, 3)] * 3, 26, 12),
+    ("conv", dk.Conv2d, {"filters": 4, "kernel_size": 3, "strides": 2, "padding": 1}, (B, H, W, 3),
+     [(B, 4, 3, 4)], 2, 0),
+    ("batchnorm", dk.BatchNorm, {}, (B, H, W, 6), [(B, H, W, 6)], 2, 3),
+    ("maxpool", dk.MaxPool2d, {}, (B, H, W, 6), [(B, 4, 3, 6)], 0, 0),
+    # 3 convs + 3 BN, and downsample's conv + BN
+    ("bottleneck", dk.Bottleneck, {"planes": 4, "stride": 2, "dilation": 1, "downsample": True}, (B, H, W, 8),
+     [(B, 4, 3, 16)], 12, 12),
 ]
 
 
-def _gammas(layer):
-    return [v for v in layer.trainable_weights if v.path.endswith("gamma") and "/1/" not in v.path
-            and not v.path.split("/")[-2].isdigit()]
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_layer_contract(case, tmp_path):
+    _, cls, kwargs, shape, outputs, trainable, non_trainable = case
+    run_keras_layer_test(cls, kwargs, shape, expected_output_shapes=outputs, expected_trainable=trainable,
+                         expected_non_trainable=non_trainable, tmp_path=tmp_path)
 
 
-@pytest.mark.parametrize("cls,kwargs,channels,out_channels", CASES)
-def test_run_layer_test(cls, kwargs, channels, out_channels):
-    # Config round trip, via the registry.
-    layer = cls(**kwargs)
-    config = layer.get_config()
-    for key, value in kwargs.items():
-        assert config[key] == value
-    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert type(clone) is cls and clone.get_config() == config
-
-    # Symbolic call with None batch and spatial sizes.
-    inp = keras.Input((None, None, channels))
-    out = cls(**kwargs)(inp)
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    for o in outs:
-        assert tuple(o.shape) == (None, None, None, out_channels)
-
-    # Eager call on odd sizes, outputs match compute_output_shape.
-    x = np.random.default_rng(1).normal(0, 0.5, (2, 7, 5, channels)).astype("float32")
-    layer = cls(**kwargs)
-    y = layer(x)
-    ys = y if isinstance(y, (tuple, list)) else (y,)
-    want = layer.compute_output_shape(x.shape)
-    want = want if isinstance(want[0], tuple) else (want,)
-    assert [tuple(a.shape) for a in ys] == [tuple(w) for w in want]
-    gammas = _gammas(layer)
-    assert gammas and all(tuple(g.shape) == (1,) and g.dtype == "float32" for g in gammas)
-    assert all(float(keras.ops.convert_to_numpy(g)[0]) == 0.0 for g in gammas)
-
-    # One training step moves every gamma off zero.
-    model = keras.Model(inp, out)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    targets = [np.ones(tuple(a.shape), "float32") for a in ys]
-    model.fit(x, targets if len(targets) > 1 else targets[0], epochs=1, batch_size=2, verbose=0)
-    assert all(float(keras.ops.convert_to_numpy(g)[0]) != 0.0 for g in _gammas(model))
-
-
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-@pytest.mark.parametrize("cls,kwargs,channels,out_channels", CASES)
-def test_mixed_precision_dtypes(policy, cls, kwargs, channels, out_channels):
-    layer = cls(dtype=policy, **kwargs)
-    x = np.random.default_rng(2).normal(0, 0.5, (1, 6, 5, channels)).astype("float32")
-    y = layer(x)
-    compute = policy.split("_")[1]
-    for a in (y if isinstance(y, (tuple, list)) else (y,)):
-        assert keras.backend.standardize_dtype(a.dtype) == compute
-        assert np.isfinite(keras.ops.convert_to_numpy(keras.ops.cast(a, "float32"))).all()
-    assert all(v.dtype == "float32" for v in layer.trainable_weights)
-    inp = keras.Input((None, None, channels))
-    out = cls(dtype=policy, **kwargs)(inp)
-    for a in (out if isinstance(out, (tuple, list)) else (out,)):
-        assert keras.backend.standardize_dtype(a.dtype) == compute
+def test_resnet_and_danet_contract(tmp_path):
+    """ResNet-50: 53 convs and 53 BatchNorms (stem 1, 16 blocks x 3, 4 downsamples); DANet adds the head."""
+    s = 33  # stem /2 -> 17, maxpool /2 -> 9, layer2 /2 -> 5, output stride 8 keeps 5
+    run_keras_layer_test(dk.DilatedResNet, {"depth": 50}, (1, s, s, 3),
+                         expected_output_shapes=[(1, 9, 9, 256), (1, 5, 5, 512), (1, 5, 5, 1024), (1, 5, 5, 2048)],
+                         expected_trainable=53 + 2 * 53, expected_non_trainable=3 * 53, mixed_precision=False)
+    run_keras_layer_test(dk.DANet, {"num_classes": 3, "backbone": "resnet50"}, (1, s, s, 3),
+                         expected_output_shapes=[(1, s, s, 3)] * 3, expected_trainable=159 + 26,
+                         expected_non_trainable=159 + 12, tmp_path=tmp_path, mixed_precision=False)
 
 
 def test_cam_energy_does_not_overflow_in_float16():

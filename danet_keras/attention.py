@@ -212,6 +212,22 @@ class PositionAttention(_Attention):
         config.update(reduction=self.reduction, fused=self.fused)
         return config
 
+    def attention_rows(self, x, points):
+        """PAM's softmax rows for the query ``points`` only, never the ``N x N`` matrix.
+
+        Args:
+            x: This layer's input, ``(B, H, W, C)`` (``(B, C, H, W)`` for channels_first).
+            points: ``(row, col)`` integer pairs on x's ``H x W`` grid.
+
+        Returns:
+            ``(B, P, H, W)`` in either data format: how much every position
+            contributes to each query. Path-independent (see
+            :mod:`danet_keras.attention_maps`).
+        """
+        from .attention_maps import position_attention_rows
+
+        return position_attention_rows(self, x, points)
+
 
 @keras.saving.register_keras_serializable(package="danet")
 class ChannelAttention(_Attention):
@@ -253,6 +269,16 @@ class ChannelAttention(_Attention):
         out = _untokens(_bmm(xf, ops.transpose(attention, (0, 2, 1))), x, self.data_format)
         y = ops.cast(self.gamma, dtype) * out + x
         return ops.cast(y, self.compute_dtype)
+
+    def attention_matrix(self, x):
+        """CAM's attention ``softmax(max(E) - E)``: ``(B, C, C)`` for ``x`` in the layer's data format.
+
+        Less similar channels get more weight (the official max-subtraction);
+        see :mod:`danet_keras.attention_maps`.
+        """
+        from .attention_maps import channel_attention_matrix
+
+        return channel_attention_matrix(self, x)
 
 
 # Official names, so code ported from upstream keeps working.

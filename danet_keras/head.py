@@ -175,3 +175,19 @@ class DANetHead(DualAttention):
             config.pop(key)
         config.update(num_classes=self.num_classes, dropout=self.dropout)
         return config
+
+    def attention_maps(self, features, points, size=None, training=False):
+        """PAM rows of the query ``points``, CAM's matrix and the segmentation.
+
+        Args:
+            features: ``(B, h, w, C)`` backbone features (the layer's data format), concrete.
+            points: ``(row, col)`` pixel pairs in the ``size`` frame.
+            size: ``(H, W)`` of the image the features come from (default ``(h, w)``).
+            training: Passed to the layers.
+
+        Returns:
+            :class:`~danet_keras.attention_maps.AttentionMaps`.
+        """
+        from .attention_maps import head_attention_maps
+
+        return head_attention_maps(self, features, points, size=size, training=training)

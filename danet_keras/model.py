@@ -93,3 +93,20 @@ class DANet(keras.Model):
         if isinstance(config.get("dtype"), dict):
             config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
         return cls(**config)
+
+    def attention_maps(self, images, points, training=False):
+        """What the attention sees for query ``points`` in image pixels (the paper's Figure 4).
+
+        Args:
+            images: ``(B, H, W, 3)`` (the model's data format), ImageNet-normalised RGB, concrete.
+            points: ``(row, col)`` pixel pairs, mapped to the feature grid with the
+                ``align_corners=True`` geometry and back.
+            training: Passed to the layers.
+
+        Returns:
+            :class:`~danet_keras.attention_maps.AttentionMaps`: ``pam`` ``(B, P, H, W)``,
+            ``cam`` ``(B, C, C)``, ``segmentation`` ``(B, H, W)``, the grid points used.
+        """
+        from .attention_maps import danet_attention_maps
+
+        return danet_attention_maps(self, images, points, training=training)

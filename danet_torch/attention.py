@@ -67,6 +67,21 @@ class PositionAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, reduction={self.reduction}, fused={self.fused}"
 
+    def attention_rows(self, x: torch.Tensor, points) -> torch.Tensor:
+        """PAM's softmax rows for the query ``points`` only, never the ``N x N`` matrix.
+
+        Args:
+            x: ``(B, C, H, W)``, this module's input.
+            points: ``(row, col)`` integer pairs on x's ``H x W`` grid.
+
+        Returns:
+            ``(B, P, H, W)``: how much every position contributes to each
+            query. Path-independent (see :mod:`danet_torch.attention_maps`).
+        """
+        from .attention_maps import position_attention_rows
+
+        return position_attention_rows(self, x, points)
+
 
 class ChannelAttention(nn.Module):
     """Channel attention module (CAM), the official ``CAM_Module``.
@@ -114,6 +129,16 @@ class ChannelAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}"
+
+    def attention_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """CAM's attention ``softmax(max(E) - E)``, ``E = X X^T``: ``(B, C, C)`` for ``x`` ``(B, C, H, W)``.
+
+        Less similar channels get more weight (the official max-subtraction);
+        see :mod:`danet_torch.attention_maps`.
+        """
+        from .attention_maps import channel_attention_matrix
+
+        return channel_attention_matrix(self, x)
 
 
 # Official names, so code ported from upstream keeps working.

@@ -104,3 +104,18 @@ class DANetHead(DualAttention):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sa_conv, sc_conv = self.forward_branches(x)
         return self.conv8(sa_conv + sc_conv), self.conv6(sa_conv), self.conv7(sc_conv)
+
+    def attention_maps(self, features: torch.Tensor, points, size=None):
+        """PAM rows of the query ``points``, CAM's matrix and the segmentation, in one pass.
+
+        Args:
+            features: ``(B, C, h, w)`` backbone features.
+            points: ``(row, col)`` pixel pairs in the ``size`` frame.
+            size: ``(H, W)`` of the image the features come from (default ``(h, w)``).
+
+        Returns:
+            :class:`~danet_torch.attention_maps.AttentionMaps`.
+        """
+        from .attention_maps import head_attention_maps
+
+        return head_attention_maps(self, features, points, size=size)

@@ -58,6 +58,22 @@ class DANet(nn.Module):
         c4 = self.pretrained(x)[-1]
         return tuple(F.interpolate(y, size=size, mode="bilinear", align_corners=True) for y in self.head(c4))
 
+    def attention_maps(self, images: torch.Tensor, points):
+        """What the attention sees for query ``points`` in image pixels (the paper's Figure 4).
+
+        Args:
+            images: ``(B, 3, H, W)``, ImageNet-normalised RGB.
+            points: ``(row, col)`` pixel pairs, mapped to the feature grid with the
+                ``align_corners=True`` geometry and back.
+
+        Returns:
+            :class:`~danet_torch.attention_maps.AttentionMaps`: ``pam`` ``(B, P, H, W)``,
+            ``cam`` ``(B, C, C)``, ``segmentation`` ``(B, H, W)``, the grid points used.
+        """
+        from .attention_maps import danet_attention_maps
+
+        return danet_attention_maps(self, images, points)
+
 
 def danet_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
     """Upstream's training loss: the sum of three equally weighted cross-entropies."""

@@ -13,6 +13,9 @@ Formulas (Fu et al., "Dual Attention Network for Scene Segmentation", CVPR
   ``A = softmax(E, axis=-1)``; ``out = V A^T``; ``y = gamma * out + x``.
 * CAM: ``X`` is ``C x N``; ``E = X X^T``; ``E' = max(E, axis=-1) - E``;
   ``A = softmax(E', axis=-1)``; ``out = A X``; ``y = gamma * out + x``.
+* Attention maps: PAM's rows ``A[n]`` of query positions ``n``; CAM's ``A``;
+  image pixel ``p`` -> feature index ``round(p (h - 1) / (H - 1))`` (half up)
+  and back ``f (H - 1) / (h - 1)``, the ``align_corners=True`` geometry.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ __all__ = [
     "dual_attention",
     "danet_head",
     "resize_bilinear_align_corners",
+    "position_attention_rows",
+    "channel_attention_energy",
+    "channel_attention_matrix",
+    "feature_grid_points",
 ]
 
 
@@ -197,3 +204,50 @@ def resize_bilinear_align_corners(x, size):
         return m
 
     return np.einsum("oh,bchw,pw->bcop", matrix(h, oh), x, matrix(w, ow))
+
+
+def position_attention_rows(x, wq, bq, wk, bk, points):
+    """PAM's attention rows of the query ``points``, float64.
+
+    Args:
+        x: ``(B, C, H, W)``.
+        wq, wk: ``(C', C, 1, 1)``; bq, bk: ``(C',)``.
+        points: ``(row, col)`` pairs on the ``H x W`` grid.
+    Returns:
+        ``(B, P, H, W)``: row ``n = row * W + col`` of ``softmax(Q^T K)``.
+    """
+    x = _f64(x)
+    b, c, h, w = x.shape
+    q = conv2d(x, wq, bq).reshape(b, -1, h * w)
+    k = conv2d(x, wk, bk).reshape(b, -1, h * w)
+    idx = [int(r) * w + int(col) for r, col in points]
+    energy = np.einsum("bcp,bcm->bpm", q[:, :, idx], k)  # rows n of Q^T K, no 1/sqrt(d)
+    return softmax(energy, axis=-1).reshape(b, len(idx), h, w)
+
+
+def channel_attention_energy(x):
+    """CAM's energy ``X X^T``, ``(B, C, C)``, float64."""
+    xf = _f64(x).reshape(x.shape[0], x.shape[1], -1)
+    return np.einsum("bcn,bdn->bcd", xf, xf)
+
+
+def channel_attention_matrix(x):
+    """CAM's attention after the official max-subtraction: ``softmax(max(E) - E)``, ``(B, C, C)``."""
+    energy = channel_attention_energy(x)
+    return softmax(energy.max(axis=-1, keepdims=True) - energy, axis=-1)
+
+
+def feature_grid_points(points, image_size, feature_size):
+    """Image pixels -> feature grid (nearest, halves up) and back, the ``align_corners=True`` geometry.
+
+    Returns:
+        ``(grid, image_points)``: ``(P, 2)`` int64 and ``(P, 2)`` float64.
+    """
+    p = _f64(points).reshape(-1, 2)
+    grid, back = np.zeros(p.shape, dtype=np.int64), np.zeros(p.shape)
+    for axis in (0, 1):
+        n_in, n_out = image_size[axis], feature_size[axis]
+        if n_in > 1 and n_out > 1:
+            grid[:, axis] = np.floor(p[:, axis] * (n_out - 1) / (n_in - 1) + 0.5).astype(np.int64)
+            back[:, axis] = grid[:, axis] * (n_in - 1) / (n_out - 1)
+    return grid, back

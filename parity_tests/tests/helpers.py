@@ -12,7 +12,7 @@ import numpy as np
 from weights_convert.tolerances import compare, tolerance
 
 __all__ = ["check", "nhwc", "nchw", "to_numpy", "state_numpy", "resolve", "set_torch_weights",
-           "pam_state_dict", "dual_state_dict", "head_state_dict"]
+           "pam_state_dict", "dual_state_dict", "head_state_dict", "border_points", "check_segmentation"]
 
 BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance",
             "num_batches_tracked": "num_batches_tracked"}
@@ -117,3 +117,22 @@ def head_state_dict(rng, c, num_classes, reduction=8):
     for name in ("conv6", "conv7", "conv8"):
         sd.update({f"{name}.1.{k}": v for k, v in _conv(rng, num_classes, inter).items()})
     return sd
+
+
+def border_points(h: int, w: int) -> list:
+    """Query points on every corner and in the middle of every border of an ``h x w`` grid, plus an inner one."""
+    rows, cols = (0, h // 2, h - 1), (0, w // 2, w - 1)
+    pts = [(r, c) for r in rows for c in cols]
+    return list(dict.fromkeys(pts))  # drop repeats when h or w is 1 or 2
+
+
+def check_segmentation(name, labels, logits, tol=1e-3):
+    """``labels`` (B, H, W) equals ``argmax(logits, axis=1)`` wherever the top two logits differ by > ``tol``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > tol
+    labels = np.asarray(labels)
+    assert labels.shape == clear.shape, f"{name}: shape {labels.shape}, expected {clear.shape}"
+    assert clear.mean() > 0.9, f"{name}: too few clear-cut pixels to compare ({clear.mean():.2f})"
+    wrong = (labels != logits.argmax(axis=1)) & clear
+    assert not wrong.any(), f"{name}: {int(wrong.sum())} of {int(clear.sum())} clear-cut pixels differ"

@@ -1,0 +1,301 @@
+"""``danet-attention``: draw what DANet's attention looks at, from any weights ``danet-convert`` reads.
+
+    danet-attention WEIGHTS IMAGE --points R,C [R,C ...] --out FIG.png [--npz MAPS.npz]
+    danet-attention WEIGHTS IMAGE --grid K --out FIG.png
+    danet-attention HEAD_WEIGHTS IMAGE --features F.npy --points R,C --npz MAPS.npz
+
+WEIGHTS: DANet, or DANetHead with --features (backbone features, a .npy of
+shape (C, h, w) or (1, C, h, w)). IMAGE: PNG/JPEG (Pillow, converted to RGB,
+scaled to [0, 1] and ImageNet-normalised: mean 0.485 0.456 0.406, std 0.229
+0.224 0.225) or .npy (H, W, C) / (H, W): uint8 arrays are treated like a PNG,
+float arrays are the model input as they are. Points are (row, col) in image
+pixels. Exit codes: 0 written, 2 bad input (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "build_parser", "load_image", "grid_points", "compute_maps", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+MAX_POINTS = 64
+
+
+class UsageError(ValueError):
+    """Bad input: printed, exit code 2, nothing written."""
+
+
+def _point(text: str) -> tuple[int, int]:
+    try:
+        r, c = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a point is ROW,COL in image pixels (e.g. 120,64), got {text!r}")
+    return r, c
+
+
+def _multi_grid(values):
+    if values is None:
+        return None
+    if len(values) == 1 and values[0].lower() == "none":
+        return "none"
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise UsageError(f"`--multi-grid` takes dilations (e.g. 4 8 16) or `none`, got {values}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="danet-attention", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p.add_argument("weights", metavar="WEIGHTS", help="DANet or DANetHead weights (.pth/.pt, .safetensors, .npz, "
+                                                      ".weights.h5, .keras)")
+    p.add_argument("image", metavar="IMAGE", help="PNG/JPEG or .npy image")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--points", nargs="+", type=_point, metavar="R,C", help="query points (row,col) in pixels")
+    where.add_argument("--grid", type=int, metavar="K", help="a K x K grid of query points: the centres of K "
+                                                             "equal bands in each direction (K <= 8)")
+    p.add_argument("--out", metavar="FIG.png", help="the figure (needs matplotlib: the `viz` extra)")
+    p.add_argument("--npz", metavar="MAPS.npz", help="the raw maps (the fields of AttentionMaps)")
+    p.add_argument("--framework", choices=("torch", "keras"), default="torch",
+                   help="who computes the maps (keras: on $KERAS_BACKEND)")
+    p.add_argument("--features", metavar="F.npy", help="backbone features for DANetHead weights")
+    p.add_argument("--no-normalize", action="store_true", help="feed PNG/JPEG pixels in [0, 1] without the "
+                                                               "ImageNet normalisation")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.add_argument("--title", help="figure title (default: the weights' architecture)")
+    arch = p.add_argument_group("architecture (as danet-convert: what the weights do not store)")
+    arch.add_argument("--arch", choices=("auto", "head", "danet"), default="auto")
+    arch.add_argument("--num-classes", type=int)
+    arch.add_argument("--backbone", choices=("resnet50", "resnet101"))
+    arch.add_argument("--channels", type=int, help="DANetHead input channels")
+    arch.add_argument("--deep-stem", action=argparse.BooleanOptionalAction, default=None)
+    arch.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="DANet output stride (default 8)")
+    arch.add_argument("--multi-grid", nargs="+", metavar="D", help="layer4 dilations (default 4 8 16), or `none`")
+    return p
+
+
+def _overrides(args) -> dict:
+    o = {k: getattr(args, k) for k in ("num_classes", "backbone", "channels", "deep_stem", "output_stride")
+         if getattr(args, k) is not None}
+    if args.arch != "auto":
+        o["arch"] = args.arch
+    mg = _multi_grid(args.multi_grid)
+    if mg is not None:
+        o["multi_grid"] = None if mg == "none" else mg
+    return o
+
+
+def _check_output(path, ext: str, flag: str, force: bool) -> Path | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if path.suffix.lower() != ext:
+        raise UsageError(f"`{flag}` must name a {ext} file, got {str(path)!r}.")
+    if path.is_dir():
+        raise UsageError(f"`{flag}` {str(path)!r} is a folder; give a file name.")
+    if path.exists() and not force:
+        raise UsageError(f"`{flag}` {str(path)!r} exists; pass --force to replace it.")
+    if not path.parent.is_dir():
+        raise UsageError(f"The folder of `{flag}` {str(path)!r} does not exist.")
+    return path
+
+
+def load_image(path, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(display, model_input)``: ``(H, W[, 3])`` in ``[0, 1]`` and ``(H, W, C)`` float32.
+
+    PNG/JPEG (any mode Pillow reads, converted to RGB) and uint8 ``.npy``
+    arrays are scaled to ``[0, 1]`` and ImageNet-normalised (unless not
+    ``normalize``); float ``.npy`` arrays are the model input as they are.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"IMAGE {str(path)!r} does not exist or is not a file.")
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"IMAGE {str(path)!r} is not a readable .npy array: {e}") from None
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.dtype.kind not in "uif" or min(arr.shape) < 1:
+            raise UsageError(f"IMAGE {str(path)!r} must be an (H, W, C) or (H, W) numeric array, got shape "
+                             f"{arr.shape}, dtype {arr.dtype}.")
+        if arr.dtype == np.uint8:
+            pixels = arr.astype(np.float64) / 255.0
+        else:
+            arr = arr.astype(np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            display = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+            return _squeeze(display), arr.astype(np.float32)
+    else:
+        try:
+            from PIL import Image, UnidentifiedImageError
+        except ImportError:
+            raise UsageError("reading PNG/JPEG needs Pillow: pip install 'danet[viz]'") from None
+        try:
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise UsageError(f"IMAGE {str(path)!r} is not a readable image (PNG/JPEG or .npy): {e}") from None
+    model_input = pixels
+    if normalize and pixels.shape[-1] == 3:
+        model_input = (pixels - IMAGENET_MEAN) / IMAGENET_STD
+    return _squeeze(pixels), model_input.astype(np.float32)
+
+
+def _squeeze(display):
+    return display[:, :, 0] if display.shape[-1] == 1 else display
+
+
+def grid_points(k: int, size) -> list:
+    """A ``k x k`` grid: row ``floor((2 i + 1) H / (2 k))``, the centres of ``k`` equal bands (same for columns)."""
+    h, w = size
+    rows = [(2 * i + 1) * h // (2 * k) for i in range(k)]
+    cols = [(2 * i + 1) * w // (2 * k) for i in range(k)]
+    return [(r, c) for r in rows for c in cols]
+
+
+def _query_points(args, size) -> list:
+    if args.grid is not None:
+        if not 1 <= args.grid <= 8:
+            raise UsageError(f"`--grid` must be 1..8, got {args.grid}.")
+        return grid_points(args.grid, size)
+    if len(args.points) > MAX_POINTS:
+        raise UsageError(f"`--points` takes at most {MAX_POINTS} points, got {len(args.points)}.")
+    h, w = size
+    for r, c in args.points:
+        if not (0 <= r < h and 0 <= c < w):
+            raise UsageError(f"`--points` {r},{c} is outside the image ({h} x {w}): rows 0..{h - 1}, "
+                             f"cols 0..{w - 1}.")
+    return list(args.points)
+
+
+def _load_features(path, channels: int) -> np.ndarray:
+    try:
+        feats = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"`--features` {str(path)!r} is not a readable .npy array: {e}") from None
+    if feats.ndim == 3:
+        feats = feats[None]
+    if feats.ndim != 4 or feats.shape[0] != 1 or feats.dtype.kind != "f":
+        raise UsageError(f"`--features` must be a float (C, h, w) or (1, C, h, w) array, got shape {feats.shape}, "
+                         f"dtype {feats.dtype}.")
+    if feats.shape[1] != channels:
+        raise UsageError(f"`--features` has {feats.shape[1]} channels (shape {feats.shape}), the DANetHead "
+                         f"weights take {channels}.")
+    return feats.astype(np.float32)
+
+
+def compute_maps(neutral, spec, inputs: np.ndarray, points, framework: str, size) -> dict:
+    """``AttentionMaps.numpy()`` of the model of ``(neutral, spec)``.
+
+    ``inputs`` is ``(1, C, h, w)`` (NCHW: the image for DANet, features for
+    DANetHead); Keras gets it as NHWC.
+    """
+    import weights_convert as wc
+
+    if framework == "torch":
+        import torch
+
+        model = wc.to_torch(neutral, spec)
+        x = torch.from_numpy(np.ascontiguousarray(inputs))
+        maps = model.attention_maps(x, points) if spec.arch == "danet" else model.attention_maps(x, points, size)
+    else:
+        model = wc.to_keras(neutral, spec)
+        x = np.ascontiguousarray(np.transpose(inputs, (0, 2, 3, 1)))
+        maps = model.attention_maps(x, points) if spec.arch == "danet" else model.attention_maps(x, points, size)
+    return maps.numpy()
+
+
+def _write_all(files: dict) -> None:
+    """Write every ``{path: bytes}`` to a temporary file beside it, then rename each into place."""
+    temps = {}
+    try:
+        for path, data in files.items():
+            tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+            temps[path] = tmp
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps.values():
+            if tmp.exists():
+                tmp.unlink()
+
+
+def run(args) -> str:
+    import weights_convert as wc
+
+    if args.out is None and args.npz is None:
+        raise UsageError("nothing to write: pass --out FIG.png and/or --npz MAPS.npz.")
+    out = _check_output(args.out, ".png", "--out", args.force)
+    npz = _check_output(args.npz, ".npz", "--npz", args.force)
+    if out is not None and npz is not None and out.resolve() == npz.resolve():
+        raise UsageError("`--out` and `--npz` name the same file.")
+    if out is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--out needs matplotlib: pip install 'danet[viz]'") from None
+    display, image = load_image(args.image, normalize=not args.no_normalize)
+    size = image.shape[:2]
+    points = _query_points(args, size)
+    neutral, spec = wc.load(args.weights, **_overrides(args))
+    spec.dtype = "float32"
+    if spec.arch == "danet":
+        if args.features:
+            raise UsageError("`--features` is for DANetHead weights; these are " + spec.describe() + ".")
+        if image.shape[-1] != 3:
+            raise UsageError(f"IMAGE has {image.shape[-1]} channel(s); {spec.describe()} takes 3 (RGB).")
+        inputs = np.transpose(image, (2, 0, 1))[None]
+    elif spec.arch == "head":
+        if not args.features:
+            raise UsageError(f"{spec.describe()} needs its input: pass --features F.npy ((C, h, w) backbone "
+                             f"features of IMAGE).")
+        inputs = _load_features(args.features, spec.channels)
+    else:
+        raise UsageError(f"danet-attention draws DANet or DANetHead weights; WEIGHTS are {spec.describe()}.")
+    maps = compute_maps(neutral, spec, inputs, points, args.framework, size)
+    files = {}
+    if npz is not None:
+        buf = io.BytesIO()
+        np.savez(buf, **maps)
+        files[npz] = buf.getvalue()
+    if out is not None:
+        from .attention_figure import render_png
+
+        files[out] = render_png(display, maps, title=args.title or f"{spec.describe()}, {args.framework}")
+    _write_all(files)
+    return ", ".join(str(p) for p in files)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        written = run(args)
+    except ValueError as e:  # UsageError, ConvertError (unreadable or unfitting weights), bad points
+        print(f"danet-attention: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - any failure: exit 2, nothing written
+        print(f"danet-attention: error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(f"danet-attention: wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import secrets
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from weights_convert.atomic import write_files
+from weights_convert.cli import add_arch_options, arch_options
 
 __all__ = ["main", "build_parser", "load_image", "grid_points", "compute_maps", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -40,17 +41,6 @@ def _point(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"a point is ROW,COL in image pixels (e.g. 120,64), got {text!r}")
     return r, c
-
-
-def _multi_grid(values):
-    if values is None:
-        return None
-    if len(values) == 1 and values[0].lower() == "none":
-        return "none"
-    try:
-        return tuple(int(v) for v in values)
-    except ValueError:
-        raise UsageError(f"`--multi-grid` takes dilations (e.g. 4 8 16) or `none`, got {values}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,26 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "ImageNet normalisation")
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.add_argument("--title", help="figure title (default: the weights' architecture)")
-    arch = p.add_argument_group("architecture (as danet-convert: what the weights do not store)")
-    arch.add_argument("--arch", choices=("auto", "head", "danet"), default="auto")
-    arch.add_argument("--num-classes", type=int)
-    arch.add_argument("--backbone", choices=("resnet50", "resnet101"))
-    arch.add_argument("--channels", type=int, help="DANetHead input channels")
-    arch.add_argument("--deep-stem", action=argparse.BooleanOptionalAction, default=None)
-    arch.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="DANet output stride (default 8)")
-    arch.add_argument("--multi-grid", nargs="+", metavar="D", help="layer4 dilations (default 4 8 16), or `none`")
+    add_arch_options(p)
     return p
-
-
-def _overrides(args) -> dict:
-    o = {k: getattr(args, k) for k in ("num_classes", "backbone", "channels", "deep_stem", "output_stride")
-         if getattr(args, k) is not None}
-    if args.arch != "auto":
-        o["arch"] = args.arch
-    mg = _multi_grid(args.multi_grid)
-    if mg is not None:
-        o["multi_grid"] = None if mg == "none" else mg
-    return o
 
 
 def _check_output(path, ext: str, flag: str, force: bool) -> Path | None:
@@ -209,31 +181,12 @@ def compute_maps(neutral, spec, inputs: np.ndarray, points, framework: str, size
 
         model = wc.to_torch(neutral, spec)
         x = torch.from_numpy(np.ascontiguousarray(inputs))
-        maps = model.attention_maps(x, points) if spec.arch == "danet" else model.attention_maps(x, points, size)
+        maps = model.attention_maps(x, points) if spec.kind == "danet" else model.attention_maps(x, points, size)
     else:
         model = wc.to_keras(neutral, spec)
         x = np.ascontiguousarray(np.transpose(inputs, (0, 2, 3, 1)))
-        maps = model.attention_maps(x, points) if spec.arch == "danet" else model.attention_maps(x, points, size)
+        maps = model.attention_maps(x, points) if spec.kind == "danet" else model.attention_maps(x, points, size)
     return maps.numpy()
-
-
-def _write_all(files: dict) -> None:
-    """Write every ``{path: bytes}`` to a temporary file beside it, then rename each into place."""
-    temps = {}
-    try:
-        for path, data in files.items():
-            tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
-            temps[path] = tmp
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps.values():
-            if tmp.exists():
-                tmp.unlink()
 
 
 def run(args) -> str:
@@ -253,19 +206,19 @@ def run(args) -> str:
     display, image = load_image(args.image, normalize=not args.no_normalize)
     size = image.shape[:2]
     points = _query_points(args, size)
-    neutral, spec = wc.load(args.weights, **_overrides(args))
-    spec.dtype = "float32"
-    if spec.arch == "danet":
+    neutral, spec = wc.load(args.weights, **arch_options(args))
+    spec = spec.replace(dtype="float32")
+    if spec.kind == "danet":
         if args.features:
             raise UsageError("`--features` is for DANetHead weights; these are " + spec.describe() + ".")
         if image.shape[-1] != 3:
             raise UsageError(f"IMAGE has {image.shape[-1]} channel(s); {spec.describe()} takes 3 (RGB).")
         inputs = np.transpose(image, (2, 0, 1))[None]
-    elif spec.arch == "head":
+    elif spec.kind == "head":
         if not args.features:
             raise UsageError(f"{spec.describe()} needs its input: pass --features F.npy ((C, h, w) backbone "
                              f"features of IMAGE).")
-        inputs = _load_features(args.features, spec.channels)
+        inputs = _load_features(args.features, spec.in_channels)
     else:
         raise UsageError(f"danet-attention draws DANet or DANetHead weights; WEIGHTS are {spec.describe()}.")
     maps = compute_maps(neutral, spec, inputs, points, args.framework, size)
@@ -278,7 +231,7 @@ def run(args) -> str:
         from .attention_figure import render_png
 
         files[out] = render_png(display, maps, title=args.title or f"{spec.describe()}, {args.framework}")
-    _write_all(files)
+    write_files(files)
     return ", ".join(str(p) for p in files)
 
 

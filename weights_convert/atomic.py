@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import RefusedError
 
-__all__ = ["check_destination", "atomic_target"]
+__all__ = ["check_destination", "atomic_target", "write_files"]
 
 
 def check_destination(src, dst, force: bool) -> Path:
@@ -36,6 +36,21 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _temporary(dst: Path, suffix: str = "") -> Path:
+    return dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}{suffix}"
+
+
+def _settle(tmp: Path) -> None:
+    """Give ``tmp`` the usual permissions and put it on disk, ready to be renamed."""
+    if not tmp.exists():
+        raise OSError(f"the writer left no file at {tmp}")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
+    with open(tmp, "rb") as fh:  # on disk before the rename, so a crash cannot leave a short DST
+        os.fsync(fh.fileno())
+
+
 @contextlib.contextmanager
 def atomic_target(dst, suffix: str):
     """Yield a temporary path ``.{name}.tmp-XXXX{suffix}`` beside ``dst``; on success rename it to ``dst``.
@@ -44,18 +59,30 @@ def atomic_target(dst, suffix: str):
     On any error the temporary file is removed and ``dst`` is untouched.
     """
     dst = Path(dst)
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}{suffix}"
+    tmp = _temporary(dst, suffix)
     try:
         yield tmp
-        if not tmp.exists():
-            raise OSError(f"the writer left no file at {tmp}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
-        with open(tmp, "rb") as fh:  # on disk before the rename, so a crash cannot leave a short DST
-            os.fsync(fh.fileno())
+        _settle(tmp)
         os.replace(tmp, dst)
         _fsync_dir(dst.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def write_files(files: dict) -> None:
+    """Write ``{path: bytes}`` all or nothing: every file to a temporary beside it, then each renamed into place."""
+    temps = {}
+    try:
+        for dst, data in files.items():
+            dst = Path(dst)
+            temps[dst] = _temporary(dst)
+            temps[dst].write_bytes(data)
+            _settle(temps[dst])
+        for dst, tmp in temps.items():
+            os.replace(tmp, dst)
+            _fsync_dir(dst.parent)
+    finally:
+        for tmp in temps.values():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

@@ -117,3 +117,83 @@ def head_state_dict(rng, c, num_classes, reduction=8):
     for name in ("conv6", "conv7", "conv8"):
         sd.update({f"{name}.1.{k}": v for k, v in _conv(rng, num_classes, inter).items()})
     return sd
+
+
+# -- ImageNet ResNets in torchvision/timm key format, and a reference dilated ResNet ------------------------
+# Written here from the published key layout (torchvision's resnet50/resnet101), apart from
+# weights_convert.backbone, so the tests check the reader against an independent description.
+__all__ += ["RESNET_STAGES", "imagenet_resnet_state_dict", "reference_dilated_resnet"]
+RESNET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def imagenet_resnet_state_dict(rng, depth=50, deep_stem=False, stem_widths=(64, 64, 128), fc=True,
+                               num_batches_tracked=True, dtype="float32"):
+    """Random ResNet-``depth`` weights with torchvision's keys (``conv1.weight``, ``bn1.*``, ``layer1.0.conv1.weight``,
+    ..., ``fc.*``), NumPy arrays. ``deep_stem``: ``conv1.0/.3/.6`` convs ``stem_widths`` wide (BN ``conv1.1/.4``)."""
+    sd = {}
+
+    def conv(name, o, i, k):
+        sd[f"{name}.weight"] = rng.normal(0, 1 / np.sqrt(i * k * k), (o, i, k, k)).astype(dtype)
+
+    def bn(name, c, scale=(0.5, 1.0)):
+        sd[f"{name}.weight"] = rng.uniform(*scale, c).astype(dtype)
+        sd[f"{name}.bias"] = rng.normal(0, 0.1, c).astype(dtype)
+        sd[f"{name}.running_mean"] = rng.normal(0, 0.1, c).astype(dtype)
+        sd[f"{name}.running_var"] = rng.uniform(0.5, 1.5, c).astype(dtype)
+        if num_batches_tracked:
+            sd[f"{name}.num_batches_tracked"] = np.array(int(rng.integers(1, 1000)), np.int64)
+
+    if deep_stem:
+        a, b, c = stem_widths
+        conv("conv1.0", a, 3, 3), bn("conv1.1", a), conv("conv1.3", b, a, 3), bn("conv1.4", b), conv("conv1.6", c, b, 3)
+        inplanes = c
+    else:
+        conv("conv1", 64, 3, 7)
+        inplanes = 64
+    bn("bn1", inplanes)
+    for li, (planes, n) in enumerate(zip((64, 128, 256, 512), RESNET_STAGES[depth]), start=1):
+        for j in range(n):
+            p = f"layer{li}.{j}"
+            conv(f"{p}.conv1", planes, inplanes, 1), bn(f"{p}.bn1", planes)
+            conv(f"{p}.conv2", planes, planes, 3), bn(f"{p}.bn2", planes)
+            conv(f"{p}.conv3", planes * 4, planes, 1), bn(f"{p}.bn3", planes * 4, scale=(0.1, 0.3))
+            if j == 0:
+                conv(f"{p}.downsample.0", planes * 4, inplanes, 1), bn(f"{p}.downsample.1", planes * 4)
+            inplanes = planes * 4
+    if fc:
+        sd["fc.weight"] = rng.normal(0, 0.02, (1000, 2048)).astype(dtype)
+        sd["fc.bias"] = np.zeros(1000, dtype)
+    return sd
+
+
+def reference_dilated_resnet(sd, x, stages):
+    """The features ``(c1, c2, c3, c4)`` of a 7x7-stem dilated ResNet in eval mode, from plain
+    ``torch.nn.functional`` ops on ImageNet-format weights ``sd`` (NumPy), in float64.
+
+    ``stages``: per stage ``(stride, [dilation of each block])``; stride and dilation sit on
+    each block's 3x3 conv (ResNet v1.5), padding equals dilation.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    w = {k: torch.from_numpy(np.asarray(v, np.float64)) for k, v in sd.items() if not k.endswith("tracked")}
+    x = torch.from_numpy(np.asarray(x, np.float64))
+
+    def bn(t, p):
+        return F.batch_norm(t, w[f"{p}.running_mean"], w[f"{p}.running_var"], w[f"{p}.weight"], w[f"{p}.bias"],
+                            training=False, eps=1e-5)
+
+    x = F.relu(bn(F.conv2d(x, w["conv1.weight"], stride=2, padding=3), "bn1"))
+    x = F.max_pool2d(x, 3, stride=2, padding=1)
+    feats = []
+    for li, (stride, dilations) in enumerate(stages, start=1):
+        for j, d in enumerate(dilations):
+            p, s = f"layer{li}.{j}", (stride if j == 0 else 1)
+            out = F.relu(bn(F.conv2d(x, w[f"{p}.conv1.weight"]), f"{p}.bn1"))
+            out = F.relu(bn(F.conv2d(out, w[f"{p}.conv2.weight"], stride=s, padding=d, dilation=d), f"{p}.bn2"))
+            out = bn(F.conv2d(out, w[f"{p}.conv3.weight"]), f"{p}.bn3")
+            identity = bn(F.conv2d(x, w[f"{p}.downsample.0.weight"], stride=s), f"{p}.downsample.1") \
+                if f"{p}.downsample.0.weight" in w else x
+            x = F.relu(out + identity)
+        feats.append(x.numpy())
+    return tuple(feats)

@@ -197,3 +197,32 @@ def reference_dilated_resnet(sd, x, stages):
             x = F.relu(out + identity)
         feats.append(x.numpy())
     return tuple(feats)
+
+
+# -- a synthetic folder dataset (images/ + masks/) for the training tests ------------------------------------
+__all__ += ["PALETTE", "make_segmentation_folder"]
+PALETTE = np.array([[90, 90, 90], [220, 40, 40], [40, 80, 220], [40, 200, 60], [230, 210, 40]], np.uint8)
+
+
+def make_segmentation_folder(root, n: int, size: int = 32, num_classes: int = 3, block: int = 8, seed: int = 0,
+                             jpeg_every: int = 0, ignore_border: bool = True):
+    """``root/images/NNN.png|jpg`` + ``root/masks/NNN.png``: ``block`` x ``block`` tiles of random classes, each
+    class its own colour (``PALETTE``) plus noise; the first row of each mask is 255 (ignored) if ``ignore_border``.
+    Every ``jpeg_every``-th image is a JPEG. Returns ``root``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    tiles = size // block
+    for i in range(n):
+        ids = rng.choice(num_classes, size=(tiles, tiles), p=[0.5] + [0.5 / (num_classes - 1)] * (num_classes - 1))
+        mask = np.kron(ids, np.ones((block, block), np.int64)).astype(np.uint8)
+        image = PALETTE[mask].astype(np.float64) + rng.normal(0, 20, (size, size, 3))
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        if ignore_border:
+            mask[0] = 255
+        ext = ".jpg" if jpeg_every and i % jpeg_every == jpeg_every - 1 else ".png"
+        Image.fromarray(image).save(root / "images" / f"{i:03d}{ext}")
+        Image.fromarray(mask).save(root / "masks" / f"{i:03d}.png")
+    return root

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 
 from .data import IGNORE_INDEX, DataError, SegmentationFolder, check_samples, scan_folder, split_samples
 from .distributed import all_reduce_sum, broadcast_error, init_distributed, shutdown, unwrap, wrap_model
-from .metrics import confusion_matrix, segmentation_metrics
+from .evaluate import evaluate, precise_bn
 
 __all__ = ["build_parser", "main", "run", "poly_lr"]
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl)")
     r.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (or a folder's last.pth)")
     r.add_argument("--save-every", type=int, default=0, help="also keep epoch_NNNN.pth every N epochs (0: never)")
+    r.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                   help="before validating, set BatchNorm statistics to the average over N training batches "
+                        "(upstream's precise_bn; helps short runs)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: the LOCAL_RANK-th GPU)")
     r.add_argument("--amp", choices=("auto", "off", "fp16", "bf16"), default="auto",
                    help="mixed precision on CUDA (auto: bf16 where supported)")
@@ -131,22 +135,6 @@ def _loss(outputs, masks):
     if not bool((masks != IGNORE_INDEX).any()):  # every pixel ignored: a zero loss, not NaN
         return sum(o.float().sum() * 0.0 for o in outputs)
     return danet_loss([o.float() for o in outputs], masks, ignore_index=IGNORE_INDEX)
-
-
-def evaluate(model, dataset, ctx, num_classes: int, amp_dtype=None, workers: int = 0) -> dict:
-    """Per-class IoU, mIoU and pixel accuracy of ``model`` on ``dataset`` (whole images, split over ranks)."""
-    from torch.utils.data import DataLoader, Subset
-
-    model.eval()
-    part = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=ctx.device)
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad(), torch.autocast(ctx.device.type, dtype=amp_dtype or torch.float32,
-                                         enabled=amp_dtype is not None):
-        for x, y in DataLoader(part, batch_size=1, num_workers=workers):
-            pred = model(x.to(ctx.device, dtype))[0].argmax(1)
-            cm += confusion_matrix(pred, y.to(ctx.device), num_classes, IGNORE_INDEX)
-    return segmentation_metrics(all_reduce_sum(cm, ctx).cpu())
 
 
 class _Progress:
@@ -250,6 +238,8 @@ def run(args) -> int:
                 bar.update(i, value, lr)
             bar.close()
             train_loss = float(all_reduce_sum(sums.to(ctx.device), ctx)[0] / (steps * ctx.world_size))
+            if args.precise_bn:
+                precise_bn(unwrap(net), loader, args.precise_bn, ctx.device, dtype)
             metrics = evaluate(unwrap(net), val_set, ctx, args.num_classes, amp_dtype, args.workers) if val_s else None
             if not ctx.is_main:
                 continue
@@ -282,7 +272,8 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except ValueError as e:  # DataError, ConvertError (pretrained weights), bad option values
-        print(f"danet-train: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raises the same error; one prints it
+            print(f"danet-train: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -128,16 +128,18 @@ class DilatedResNet(keras.layers.Layer):
             Sequential) instead of one 7x7 conv.
         multi_grid: Dilations of the layer4 blocks, or ``None``.
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        in_channels: Input channels (3: RGB; 1 for MRI, 4 for RGB + another band, ...).
 
     Shape:
-        ``(B, H, W, 3)`` -> ``(c1, c2, c3, c4)`` with 256, 512, 1024, 2048 channels.
+        ``(B, H, W, in_channels)`` -> ``(c1, c2, c3, c4)`` with 256, 512, 1024, 2048 channels.
     """
 
     def __init__(self, depth: int = 101, output_stride: int = 8, deep_stem: bool = False,
-                 multi_grid: Sequence[int] | None = None, data_format=None, **kwargs):
+                 multi_grid: Sequence[int] | None = None, data_format=None, in_channels: int = 3, **kwargs):
         super().__init__(**kwargs)
         if depth not in DEPTHS:
             raise ValueError(f"`depth` must be one of {sorted(DEPTHS)}, got {depth!r}.")
+        self.in_channels = check_positive_int("in_channels", in_channels)
         self.depth, self.output_stride, self.deep_stem = depth, output_stride, bool(deep_stem)
         self.multi_grid = None if multi_grid is None else tuple(int(d) for d in multi_grid)
         stages = layer_dilations(DEPTHS[depth], output_stride, self.multi_grid)
@@ -145,7 +147,7 @@ class DilatedResNet(keras.layers.Layer):
         self.data_format = standardize_data_format(data_format)
 
     def build(self, input_shape):
-        check_shape("DilatedResNet", input_shape, self.data_format)
+        check_shape("DilatedResNet", input_shape, self.data_format, self.in_channels)
         df, dt, axis = self.data_format, self.dtype_policy, spatial_axes(self.data_format)[2]
 
         def conv(filters, k, name, stride=1, pad=0):
@@ -186,7 +188,7 @@ class DilatedResNet(keras.layers.Layer):
             setattr(self, f"layer{i}", layer)
 
     def call(self, inputs, training=None):
-        check_shape("DilatedResNet", inputs.shape, self.data_format)
+        check_shape("DilatedResNet", inputs.shape, self.data_format, self.in_channels)
         x = self.conv1(inputs, training=training) if self.deep_stem else self.conv1(inputs)
         x = self.maxpool(self.relu(self.bn1(x, training=training)))
         c1 = self.layer1(x, training=training)
@@ -217,7 +219,7 @@ class DilatedResNet(keras.layers.Layer):
         config = super().get_config()
         config.update(depth=self.depth, output_stride=self.output_stride, deep_stem=self.deep_stem,
                       multi_grid=None if self.multi_grid is None else list(self.multi_grid),
-                      data_format=self.data_format)
+                      data_format=self.data_format, in_channels=self.in_channels)
         return config
 
 

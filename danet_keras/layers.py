@@ -131,20 +131,33 @@ class BatchNorm(keras.layers.BatchNormalization):
     and momentum 0.9 (Keras' convention; torch's 0.1), and counts training
     calls in ``num_batches_tracked`` (int32 scalar, not trainable).
 
+    Under ``tf.distribute`` (``MirroredStrategy``, ...) each replica normalises
+    with the statistics of its own part of the batch unless ``synchronized``:
+    then the batch mean and variance are taken over all replicas (an
+    all-reduce of the sums of ``x`` and of ``(x - mean)^2`` and of the pixel
+    count), as ``torch.nn.SyncBatchNorm``, so a step on N replicas equals one
+    device on the whole batch. On JAX, ``keras.distribution.DataParallel``
+    runs one program over the global batch: the statistics are global
+    already and ``synchronized`` changes nothing; likewise on one device.
+
     Args:
         axis: Channel axis (default ``-1``; ``1`` for channels_first).
         momentum: Keras momentum (``1 - torch momentum``).
         epsilon: Added to the variance.
+        synchronized: Global batch statistics across ``tf.distribute`` replicas.
         **kwargs: Passed to ``keras.layers.BatchNormalization``.
 
     Shape:
         Any; normalised along ``axis``.
     """
 
-    def __init__(self, axis=-1, momentum=0.9, epsilon=1e-5, **kwargs):
-        if kwargs.get("renorm") or kwargs.get("synchronized"):
-            raise ValueError("`renorm` and `synchronized` are not supported by danet_keras.layers.BatchNorm.")
+    def __init__(self, axis=-1, momentum=0.9, epsilon=1e-5, synchronized: bool = False, **kwargs):
+        if kwargs.get("renorm"):
+            raise ValueError("`renorm` is not supported by danet_keras.layers.BatchNorm.")
+        if synchronized not in (True, False):
+            raise ValueError(f"`synchronized` must be True or False, got {synchronized!r}.")
         super().__init__(axis=axis, momentum=momentum, epsilon=epsilon, **kwargs)
+        self.synchronized = bool(synchronized)  # Keras' own flag refuses non-TF backends; ours is a no-op there
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -160,12 +173,16 @@ class BatchNorm(keras.layers.BatchNormalization):
         gamma = ops.cast(self.gamma, dtype) if self.scale else None
         beta = ops.cast(self.beta, dtype) if self.center else None
         if training and self.trainable:
-            mean, variance = ops.moments(x, axes=self._reduction_axes)
-            shape = ops.shape(x)
-            n = 1
-            for ax in self._reduction_axes:
-                n = n * shape[ax]
-            n = ops.cast(n, dtype)
+            replicas = _replica_context() if self.synchronized else None
+            if replicas is not None:
+                mean, variance, n = _synchronized_moments(x, self._reduction_axes, replicas)
+            else:
+                mean, variance = ops.moments(x, axes=self._reduction_axes)
+                shape = ops.shape(x)
+                n = 1
+                for ax in self._reduction_axes:
+                    n = n * shape[ax]
+                n = ops.cast(n, dtype)
             unbiased = variance * n / ops.maximum(n - 1.0, 1.0)
             m = self.momentum
             self.moving_mean.assign(ops.cast(self.moving_mean, dtype) * m + mean * (1.0 - m))
@@ -177,6 +194,29 @@ class BatchNorm(keras.layers.BatchNormalization):
         y = ops.batch_normalization(x, mean, variance, axis=self.axis, offset=beta, scale=gamma,
                                     epsilon=self.epsilon)
         return ops.cast(y, self.compute_dtype)
+
+
+def _replica_context():
+    """The ``tf.distribute`` replica context when running on several replicas (TensorFlow backend), else None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    ctx = tf.distribute.get_replica_context()
+    return ctx if ctx is not None and ctx.num_replicas_in_sync > 1 else None
+
+
+def _synchronized_moments(x, axes, replicas):
+    """``(mean, biased variance, count)`` over every replica's ``x`` (two all-reduces, differentiable)."""
+    import tensorflow as tf
+
+    total = tf.reduce_sum(x, axis=axes, keepdims=True)
+    count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
+    total, count = replicas.all_reduce(tf.distribute.ReduceOp.SUM, [total, count])
+    mean = total / count
+    squares = tf.reduce_sum(tf.square(x - mean), axis=axes, keepdims=True)
+    variance = replicas.all_reduce(tf.distribute.ReduceOp.SUM, squares) / count
+    return tf.squeeze(mean, axes), tf.squeeze(variance, axes), count
 
 
 def backend_result_type(dtype):

@@ -35,6 +35,12 @@ class DANet(keras.Model):
         dropout: ``SpatialDropout2D`` rate before each classifier.
         fused: PAM's path (see :class:`~danet_keras.PositionAttention`).
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
+        in_channels: Input channels (3: RGB; 1 for MRI, 4 for RGB + another band, ...).
+        pretrained_backbone: Path of ImageNet ResNet weights (torchvision/timm
+            keys, ``.pth``/``.safetensors``/``.npz``) loaded into ``pretrained``
+            by :meth:`load_pretrained_backbone` (which builds the model);
+            ``None`` keeps the random init. Not part of the config: a saved
+            model carries its weights.
 
     Returns:
         ``(fused, pam, cam)`` logits, each ``(B, H, W, num_classes)`` at the
@@ -43,7 +49,8 @@ class DANet(keras.Model):
 
     def __init__(self, num_classes: int, backbone: str = "resnet101", output_stride: int = 8,
                  deep_stem: bool = False, multi_grid: Sequence[int] | None = (4, 8, 16), dropout: float = 0.1,
-                 fused: bool | None = None, data_format=None, **kwargs):
+                 fused: bool | None = None, data_format=None, in_channels: int = 3, pretrained_backbone=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_classes = check_positive_int("num_classes", num_classes)
         if backbone not in BACKBONES:
@@ -54,18 +61,52 @@ class DANet(keras.Model):
         self.data_format = standardize_data_format(data_format)
         self.pretrained = DilatedResNet(BACKBONES[backbone], output_stride=output_stride, deep_stem=deep_stem,
                                         multi_grid=self.multi_grid, data_format=self.data_format,
-                                        dtype=self.dtype_policy, name="pretrained")
+                                        in_channels=in_channels, dtype=self.dtype_policy, name="pretrained")
+        self.in_channels = self.pretrained.in_channels
         self.head = DANetHead(num_classes, dropout=dropout, fused=fused, data_format=self.data_format,
                               dtype=self.dtype_policy, name="head")
+        self.backbone_notes: list = []
+        if pretrained_backbone is not None:
+            self.backbone_notes = self.load_pretrained_backbone(pretrained_backbone)
+
+    def load_pretrained_backbone(self, path) -> list:
+        """Load ImageNet ResNet weights into ``pretrained``, strictly; returns the reader's notes.
+
+        Reads ``path`` with :func:`weights_convert.backbone.read_imagenet_backbone`
+        (``fc.*`` ignored, ``conv1`` adapted to ``in_channels`` by timm's rule),
+        builds the model if needed (any spatial size) and assigns every backbone
+        variable through the converter's name table (``weights_convert.mapping``).
+        """
+        from weights_convert.backbone import read_imagenet_backbone
+        from weights_convert.mapping import keras_table, resolve_keras, to_keras_layout
+
+        neutral, notes = read_imagenet_backbone(path, depth=self.pretrained.depth, deep_stem=self.deep_stem,
+                                                in_channels=self.in_channels)
+        if not self.built:
+            c = self.in_channels
+            self.build((None, c, None, None) if self.data_format == "channels_first" else (None, None, None, c))
+        assigned = set()
+        for row in keras_table(neutral):
+            var = resolve_keras(self, row.keras_path)
+            value = to_keras_layout(neutral[row.torch_name], row.rule)
+            if tuple(var.shape) != tuple(value.shape):
+                raise ValueError(f"`pretrained_backbone`: {row.torch_name} has shape {row.torch_shape}, the Keras "
+                                 f"variable {var.path} {tuple(var.shape)} (Keras layout).")
+            var.assign(value.astype(keras.backend.standardize_dtype(var.dtype)))
+            assigned.add(id(var))
+        left = [v.path for v in self.pretrained.weights if id(v) not in assigned]
+        if left:
+            raise ValueError(f"`pretrained_backbone` left {len(left)} backbone variable(s) unset: {left[:5]}.")
+        return notes
 
     def build(self, input_shape):
-        check_shape("DANet", input_shape, self.data_format)
+        check_shape("DANet", input_shape, self.data_format, self.in_channels)
         self.pretrained.build(input_shape)
         self.head.build(self.pretrained.compute_output_shape(input_shape)[-1])
         self.built = True
 
     def call(self, inputs, training=None):
-        check_shape("DANet", inputs.shape, self.data_format)
+        check_shape("DANet", inputs.shape, self.data_format, self.in_channels)
         h_ax, w_ax, _ = spatial_axes(self.data_format)
         shape = ops.shape(inputs)
         size = (shape[h_ax], shape[w_ax])
@@ -84,7 +125,8 @@ class DANet(keras.Model):
                   "dtype": keras.saving.serialize_keras_object(self.dtype_policy)}
         config.update(num_classes=self.num_classes, backbone=self.backbone, output_stride=self.output_stride,
                       deep_stem=self.deep_stem, multi_grid=None if self.multi_grid is None else list(self.multi_grid),
-                      dropout=self.dropout, fused=self.fused, data_format=self.data_format)
+                      dropout=self.dropout, fused=self.fused, data_format=self.data_format,
+                      in_channels=self.in_channels)
         return config
 
     @classmethod

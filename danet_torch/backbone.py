@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ._checks import check_input
+from ._checks import check_input, check_positive_int
 
 __all__ = ["Bottleneck", "DilatedResNet", "resnet50", "resnet101", "layer_dilations", "DEPTHS"]
 
@@ -80,27 +80,30 @@ class DilatedResNet(nn.Module):
         deep_stem: Three 3x3 convs (64, 64, 128) instead of one 7x7 conv.
         multi_grid: Dilations of the layer4 blocks, or ``None``.
         norm_layer: Normalisation constructor.
+        in_channels: Input channels (3: RGB; 1 for MRI, 4 for RGB + another band, ...).
 
     Shape:
-        ``(B, 3, H, W)`` -> ``(c1, c2, c3, c4)`` with 256, 512, 1024, 2048 channels.
+        ``(B, in_channels, H, W)`` -> ``(c1, c2, c3, c4)`` with 256, 512, 1024, 2048 channels.
     """
 
     def __init__(self, depth: int = 101, output_stride: int = 8, deep_stem: bool = False,
-                 multi_grid: Sequence[int] | None = None, norm_layer: NormLayer = nn.BatchNorm2d):
+                 multi_grid: Sequence[int] | None = None, norm_layer: NormLayer = nn.BatchNorm2d,
+                 in_channels: int = 3):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"`depth` must be one of {sorted(DEPTHS)}, got {depth!r}.")
+        self.in_channels = check_positive_int("in_channels", in_channels)
         self.depth, self.output_stride, self.deep_stem = depth, output_stride, deep_stem
         self.multi_grid = None if multi_grid is None else tuple(multi_grid)
         if deep_stem:
             self.conv1 = nn.Sequential(
-                nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False), norm_layer(64), nn.ReLU(),
+                nn.Conv2d(in_channels, 64, 3, stride=2, padding=1, bias=False), norm_layer(64), nn.ReLU(),
                 nn.Conv2d(64, 64, 3, padding=1, bias=False), norm_layer(64), nn.ReLU(),
                 nn.Conv2d(64, 128, 3, padding=1, bias=False),
             )
             self.inplanes = 128
         else:
-            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
             self.inplanes = 64
         self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU()
@@ -120,7 +123,7 @@ class DilatedResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor):
-        check_input(x, 3, type(self).__name__)
+        check_input(x, self.in_channels, type(self).__name__)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         c1 = self.layer1(x)
         c2 = self.layer2(c1)

@@ -34,6 +34,10 @@ class DANet(nn.Module):
         norm_layer: Normalisation constructor.
         dropout: Dropout2d rate before each classifier.
         fused: PAM's path (see :class:`~danet_torch.PositionAttention`).
+        in_channels: Input channels (3: RGB; 1 for MRI, 4 for RGB + another band, ...).
+        pretrained_backbone: Path of ImageNet ResNet weights (torchvision/timm
+            keys, ``.pth``/``.safetensors``/``.npz``) loaded into ``pretrained``
+            by :meth:`load_pretrained_backbone`; ``None`` keeps the random init.
 
     Returns:
         ``(fused, pam, cam)`` logits, each ``(B, num_classes, H, W)`` at the
@@ -42,18 +46,39 @@ class DANet(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "resnet101", output_stride: int = 8,
                  deep_stem: bool = False, multi_grid: Sequence[int] | None = (4, 8, 16),
-                 norm_layer=nn.BatchNorm2d, dropout: float = 0.1, fused: bool | None = None):
+                 norm_layer=nn.BatchNorm2d, dropout: float = 0.1, fused: bool | None = None,
+                 in_channels: int = 3, pretrained_backbone=None):
         super().__init__()
         check_positive_int("num_classes", num_classes)
         if backbone not in BACKBONES:
             raise ValueError(f"`backbone` must be one of {sorted(BACKBONES)}, got {backbone!r}.")
         self.num_classes, self.backbone = num_classes, backbone
         self.pretrained = DilatedResNet(BACKBONES[backbone], output_stride=output_stride, deep_stem=deep_stem,
-                                        multi_grid=multi_grid, norm_layer=norm_layer)
+                                        multi_grid=multi_grid, norm_layer=norm_layer, in_channels=in_channels)
+        self.in_channels = self.pretrained.in_channels
         self.head = DANetHead(2048, num_classes, norm_layer=norm_layer, dropout=dropout, fused=fused)
+        self.backbone_notes: list = []
+        if pretrained_backbone is not None:
+            self.backbone_notes = self.load_pretrained_backbone(pretrained_backbone)
+
+    def load_pretrained_backbone(self, path) -> list:
+        """Load ImageNet ResNet weights into ``pretrained``, strictly; returns the reader's notes.
+
+        Reads ``path`` with :func:`weights_convert.backbone.read_imagenet_backbone`
+        (``fc.*`` ignored, ``conv1`` adapted to ``in_channels`` by timm's rule)
+        and copies every backbone tensor (cast to the model's dtype).
+        """
+        from weights_convert.backbone import read_imagenet_backbone
+        from weights_convert.neutral import numpy_to_tensor
+
+        neutral, notes = read_imagenet_backbone(path, depth=self.pretrained.depth, deep_stem=self.pretrained.deep_stem,
+                                                in_channels=self.in_channels)
+        state = {k[len("pretrained."):]: numpy_to_tensor(v) for k, v in neutral.items()}
+        self.pretrained.load_state_dict(state, strict=True)
+        return notes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_input(x, 3, type(self).__name__)
+        check_input(x, self.in_channels, type(self).__name__)
         size = x.shape[-2:]
         c4 = self.pretrained(x)[-1]
         return tuple(F.interpolate(y, size=size, mode="bilinear", align_corners=True) for y in self.head(c4))

@@ -11,8 +11,9 @@ import numpy as np
 
 from weights_convert.tolerances import compare, tolerance
 
-__all__ = ["check", "nhwc", "nchw", "to_numpy", "state_numpy", "resolve", "set_torch_weights",
-           "pam_state_dict", "dual_state_dict", "head_state_dict", "border_points", "check_segmentation"]
+__all__ = ["check", "nhwc", "nchw", "to_numpy", "state_numpy", "resolve", "set_torch_weights", "pam_state_dict",
+           "dual_state_dict", "head_state_dict", "border_points", "check_segmentation", "RESNET_STAGES",
+           "imagenet_resnet_state_dict", "reference_dilated_resnet", "PALETTE", "make_segmentation_folder"]
 
 BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance",
             "num_batches_tracked": "num_batches_tracked"}
@@ -136,3 +137,110 @@ def check_segmentation(name, labels, logits, tol=1e-3):
     assert clear.mean() > 0.9, f"{name}: too few clear-cut pixels to compare ({clear.mean():.2f})"
     wrong = (labels != logits.argmax(axis=1)) & clear
     assert not wrong.any(), f"{name}: {int(wrong.sum())} of {int(clear.sum())} clear-cut pixels differ"
+
+
+# -- ImageNet ResNets in torchvision/timm key format, and a reference dilated ResNet ------------------------
+# Written here from the published key layout (torchvision's resnet50/resnet101), apart from
+# weights_convert.backbone, so the tests check the reader against an independent description.
+RESNET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def imagenet_resnet_state_dict(rng, depth=50, deep_stem=False, stem_widths=(64, 64, 128), fc=True,
+                               num_batches_tracked=True, dtype="float32"):
+    """Random ResNet-``depth`` weights with torchvision's keys (``conv1.weight``, ``bn1.*``, ``layer1.0.conv1.weight``,
+    ..., ``fc.*``), NumPy arrays. ``deep_stem``: ``conv1.0/.3/.6`` convs ``stem_widths`` wide (BN ``conv1.1/.4``)."""
+    sd = {}
+
+    def conv(name, o, i, k):
+        sd[f"{name}.weight"] = rng.normal(0, 1 / np.sqrt(i * k * k), (o, i, k, k)).astype(dtype)
+
+    def bn(name, c, scale=(0.5, 1.0)):
+        sd[f"{name}.weight"] = rng.uniform(*scale, c).astype(dtype)
+        sd[f"{name}.bias"] = rng.normal(0, 0.1, c).astype(dtype)
+        sd[f"{name}.running_mean"] = rng.normal(0, 0.1, c).astype(dtype)
+        sd[f"{name}.running_var"] = rng.uniform(0.5, 1.5, c).astype(dtype)
+        if num_batches_tracked:
+            sd[f"{name}.num_batches_tracked"] = np.array(int(rng.integers(1, 1000)), np.int64)
+
+    if deep_stem:
+        a, b, c = stem_widths
+        conv("conv1.0", a, 3, 3), bn("conv1.1", a), conv("conv1.3", b, a, 3), bn("conv1.4", b), conv("conv1.6", c, b, 3)
+        inplanes = c
+    else:
+        conv("conv1", 64, 3, 7)
+        inplanes = 64
+    bn("bn1", inplanes)
+    for li, (planes, n) in enumerate(zip((64, 128, 256, 512), RESNET_STAGES[depth]), start=1):
+        for j in range(n):
+            p = f"layer{li}.{j}"
+            conv(f"{p}.conv1", planes, inplanes, 1), bn(f"{p}.bn1", planes)
+            conv(f"{p}.conv2", planes, planes, 3), bn(f"{p}.bn2", planes)
+            conv(f"{p}.conv3", planes * 4, planes, 1), bn(f"{p}.bn3", planes * 4, scale=(0.1, 0.3))
+            if j == 0:
+                conv(f"{p}.downsample.0", planes * 4, inplanes, 1), bn(f"{p}.downsample.1", planes * 4)
+            inplanes = planes * 4
+    if fc:
+        sd["fc.weight"] = rng.normal(0, 0.02, (1000, 2048)).astype(dtype)
+        sd["fc.bias"] = np.zeros(1000, dtype)
+    return sd
+
+
+def reference_dilated_resnet(sd, x, stages):
+    """The features ``(c1, c2, c3, c4)`` of a 7x7-stem dilated ResNet in eval mode, from plain
+    ``torch.nn.functional`` ops on ImageNet-format weights ``sd`` (NumPy), in float64.
+
+    ``stages``: per stage ``(stride, [dilation of each block])``; stride and dilation sit on
+    each block's 3x3 conv (ResNet v1.5), padding equals dilation.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    w = {k: torch.from_numpy(np.asarray(v, np.float64)) for k, v in sd.items() if not k.endswith("tracked")}
+    x = torch.from_numpy(np.asarray(x, np.float64))
+
+    def bn(t, p):
+        return F.batch_norm(t, w[f"{p}.running_mean"], w[f"{p}.running_var"], w[f"{p}.weight"], w[f"{p}.bias"],
+                            training=False, eps=1e-5)
+
+    x = F.relu(bn(F.conv2d(x, w["conv1.weight"], stride=2, padding=3), "bn1"))
+    x = F.max_pool2d(x, 3, stride=2, padding=1)
+    feats = []
+    for li, (stride, dilations) in enumerate(stages, start=1):
+        for j, d in enumerate(dilations):
+            p, s = f"layer{li}.{j}", (stride if j == 0 else 1)
+            out = F.relu(bn(F.conv2d(x, w[f"{p}.conv1.weight"]), f"{p}.bn1"))
+            out = F.relu(bn(F.conv2d(out, w[f"{p}.conv2.weight"], stride=s, padding=d, dilation=d), f"{p}.bn2"))
+            out = bn(F.conv2d(out, w[f"{p}.conv3.weight"]), f"{p}.bn3")
+            identity = bn(F.conv2d(x, w[f"{p}.downsample.0.weight"], stride=s), f"{p}.downsample.1") \
+                if f"{p}.downsample.0.weight" in w else x
+            x = F.relu(out + identity)
+        feats.append(x.numpy())
+    return tuple(feats)
+
+
+# -- a synthetic folder dataset (images/ + masks/) for the training tests ------------------------------------
+PALETTE = np.array([[90, 90, 90], [220, 40, 40], [40, 80, 220], [40, 200, 60], [230, 210, 40]], np.uint8)
+
+
+def make_segmentation_folder(root, n: int, size: int = 32, num_classes: int = 3, block: int = 8, seed: int = 0,
+                             jpeg_every: int = 0, ignore_border: bool = True):
+    """``root/images/NNN.png|jpg`` + ``root/masks/NNN.png``: ``block`` x ``block`` tiles of random classes, each
+    class its own colour (``PALETTE``) plus noise; the first row of each mask is 255 (ignored) if ``ignore_border``.
+    Every ``jpeg_every``-th image is a JPEG. Returns ``root``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    tiles = size // block
+    for i in range(n):
+        ids = rng.choice(num_classes, size=(tiles, tiles), p=[0.5] + [0.5 / (num_classes - 1)] * (num_classes - 1))
+        mask = np.kron(ids, np.ones((block, block), np.int64)).astype(np.uint8)
+        image = PALETTE[mask].astype(np.float64) + rng.normal(0, 20, (size, size, 3))
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        if ignore_border:
+            mask[0] = 255
+        ext = ".jpg" if jpeg_every and i % jpeg_every == jpeg_every - 1 else ".png"
+        Image.fromarray(image).save(root / "images" / f"{i:03d}{ext}")
+        Image.fromarray(mask).save(root / "masks" / f"{i:03d}.png")
+    return root

@@ -1,0 +1,82 @@
+"""``danet-train`` checkpoints: the official key layout, the architecture record, and the state to resume.
+
+A checkpoint is a dict that ``torch.load(path, weights_only=True)`` reads
+(tensors and JSON-like values only) and ``danet-convert`` converts (it reads
+the ``state_dict`` entry)::
+
+    {"state_dict": {official DANet keys: tensors},      # no "module." prefix
+     "arch": {"arch": "danet", "num_classes": ..., "backbone": ..., "in_channels": ..., ...},
+     "epoch": completed epochs, "step": optimiser steps,
+     "optimizer": SGD state (momentum buffers), "scaler": AMP GradScaler state or None,
+     "best_miou": float or None, "metrics": the last validation metrics, "args": the command's options}
+
+Files are written atomically (a temporary file in the folder, fsync, rename).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["FORMAT", "arch_record", "save_checkpoint", "load_checkpoint"]
+
+FORMAT = "danet-train/1"
+
+
+def arch_record(model) -> dict:
+    """The architecture record of a ``danet_torch.DANet`` (``weights_convert.arch.ArchSpec`` fields + ``in_channels``)."""
+    from weights_convert.arch import ArchSpec
+
+    p = model.pretrained
+    spec = ArchSpec("danet", num_classes=model.num_classes, backbone=model.backbone, deep_stem=bool(p.deep_stem),
+                    output_stride=p.output_stride, multi_grid=p.multi_grid,
+                    dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
+    record = spec.to_dict()
+    record["in_channels"] = int(model.in_channels)
+    return record
+
+
+def save_checkpoint(path, model, optimizer, scaler, epoch: int, step: int, best_miou, metrics, args: dict) -> Path:
+    """Write a checkpoint of ``model`` (a ``DANet``, unwrapped) atomically to ``path``."""
+    from weights_convert.atomic import atomic_target
+
+    path = Path(path)
+    state = {
+        "format": FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "arch": arch_record(model),
+        "epoch": int(epoch),
+        "step": int(step),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "best_miou": best_miou,
+        "metrics": metrics,
+        "args": args,
+    }
+    with atomic_target(path, ".pth") as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_checkpoint(path, model, optimizer=None, scaler=None) -> dict:
+    """Restore ``model`` (strictly), ``optimizer`` and ``scaler`` from ``path``; returns the checkpoint dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`--resume` {str(path)!r} does not exist or is not a file.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "optimizer" not in ckpt:
+        raise ValueError(f"`--resume` {str(path)!r} is not a danet-train checkpoint (needs `state_dict` and "
+                         f"`optimizer` entries); to start from other weights use --pretrained-backbone.")
+    record = arch_record(model)
+    stored = ckpt.get("arch") or {}
+    differ = {k: (stored.get(k), v) for k, v in record.items() if k in stored and k != "dtype" and stored[k] != v}
+    if differ:
+        raise ValueError(f"`--resume` {str(path)!r} was trained with another architecture: "
+                         + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items()) + ".")
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt

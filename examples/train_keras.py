@@ -1,0 +1,180 @@
+"""Train ``danet_keras.DANet`` with ``model.fit`` on a folder dataset (the ``danet-train`` format), any backend.
+
+``DIR/images/*.png|jpg`` and ``DIR/masks/*.png`` (class ids, 255 ignored),
+paired by file stem; random mirror, scale and crop as ``danet-train``. The
+three outputs are trained with one ``SegmentationCrossEntropy`` each (their
+sum is upstream's loss) and the fused output is scored with ``MeanIoU``::
+
+    KERAS_BACKEND=jax python examples/train_keras.py --data DIR --num-classes 12 --out runs/k \\
+        --pretrained-backbone resnet50.pth --backbone resnet50
+
+Several devices: ``--distribute data-parallel`` (JAX,
+``keras.distribution.DataParallel``: global BatchNorm statistics) or
+``--distribute mirrored`` (TensorFlow, ``tf.distribute.MirroredStrategy``:
+per-replica statistics unless ``--sync-batchnorm``). ``--batch-size`` is the
+global batch. One learning rate for every layer (``danet-train`` gives the
+head 10x): Keras optimizers take one schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import danet_keras
+from danet_keras.distribution import sync_batchnorm
+from danet_keras.losses import SegmentationCrossEntropy
+from danet_keras.metrics import MeanIoU
+
+__all__ = ["scan", "FolderDataset", "build_parser", "main"]
+
+MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+IGNORE = 255
+
+
+def scan(root, num_classes: int):
+    """``[(image path, mask path)]`` of ``root``, every pair opened and checked; ``ValueError`` lists problems."""
+    from PIL import Image
+
+    root = Path(root)
+    images = {p.stem: p for p in sorted((root / "images").glob("*")) if p.suffix.lower() in (".png", ".jpg", ".jpeg")}
+    if not images:
+        raise ValueError(f"No images (.png, .jpg, .jpeg) in `{root / 'images'}`: the dataset is empty.")
+    pairs, problems = [], []
+    for stem, image in images.items():
+        mask = root / "masks" / f"{stem}.png"
+        if not mask.is_file():
+            problems.append(f"{image.name}: no `{stem}.png` in masks/")
+            continue
+        with Image.open(image) as im, Image.open(mask) as m:
+            values = np.asarray(m)
+            if im.size != m.size or values.ndim != 2:
+                problems.append(f"{stem}: image {im.size}, mask {m.size} mode {m.mode} (single channel, same size)")
+                continue
+        bad = sorted(set(np.unique(values).tolist()) - set(range(num_classes)) - {IGNORE})
+        if bad:
+            problems.append(f"{mask.name}: class id(s) {bad[:8]} outside 0..{num_classes - 1} (and {IGNORE})")
+        pairs.append((image, mask))
+    if problems:
+        raise ValueError(f"{len(problems)} problem(s) in `{root}`:\n" + "\n".join(f"  {p}" for p in problems[:10]))
+    return pairs
+
+
+class FolderDataset(keras.utils.PyDataset):
+    """Batches ``(image (B, H, W, 3) float32, (mask, mask, mask) (B, H, W) int32)``; training: mirror/scale/crop."""
+
+    def __init__(self, pairs, batch_size: int, crop: int | None = None, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.pairs, self.batch_size, self.crop, self.seed, self.epoch = list(pairs), batch_size, crop, seed, 0
+
+    def __len__(self):
+        return len(self.pairs) // self.batch_size if self.crop else len(self.pairs)
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+    def _item(self, i, rng):
+        from PIL import Image
+
+        with Image.open(self.pairs[i][0]) as im, Image.open(self.pairs[i][1]) as m:
+            image, mask = im.convert("RGB"), m.copy()
+        if self.crop:
+            if rng.random() < 0.5:
+                image, mask = (t.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for t in (image, mask))
+            s = rng.uniform(0.5, 2.0)
+            size = (max(1, round(image.size[0] * s)), max(1, round(image.size[1] * s)))
+            image, mask = image.resize(size, Image.Resampling.BILINEAR), mask.resize(size, Image.Resampling.NEAREST)
+        x = (np.asarray(image, np.float32) / 255.0 - MEAN) / STD
+        y = np.asarray(mask, np.int32)
+        if self.crop:
+            c = self.crop
+            ph, pw = max(0, c - y.shape[0]), max(0, c - y.shape[1])
+            x, y = np.pad(x, ((0, ph), (0, pw), (0, 0))), np.pad(y, ((0, ph), (0, pw)), constant_values=IGNORE)
+            top, left = rng.integers(0, y.shape[0] - c + 1), rng.integers(0, y.shape[1] - c + 1)
+            x, y = x[top:top + c, left:left + c], y[top:top + c, left:left + c]
+        return x, y
+
+    def __getitem__(self, index):
+        if not self.crop:  # validation: whole images, one per batch
+            x, y = self._item(index, None)
+            return x[None], (y[None],) * 3
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pairs))
+        items = [self._item(int(i), np.random.default_rng([self.seed, self.epoch, int(i)]))
+                 for i in order[index * self.batch_size:(index + 1) * self.batch_size]]
+        y = np.stack([t[1] for t in items])
+        return np.stack([t[0] for t in items]), (y, y, y)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--val", help="validation folder (default: none)")
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--backbone", choices=("resnet50", "resnet101"), default="resnet101")
+    p.add_argument("--pretrained-backbone", help="ImageNet ResNet weights (torchvision/timm keys)")
+    p.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=8)
+    p.add_argument("--multi-grid", nargs="+", default=["4", "8", "16"], help="layer4 dilations, or `none`")
+    p.add_argument("--crop", type=int, default=768)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--steps-per-epoch", type=int, help="default: the whole training set")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch (split over devices)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--distribute", choices=("none", "data-parallel", "mirrored"), default="none")
+    p.add_argument("--sync-batchnorm", action="store_true", help="global BatchNorm statistics under --distribute "
+                                                                 "mirrored")
+    p.add_argument("--out", required=True, help="folder for model.keras and history.json")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    keras.utils.set_random_seed(args.seed)
+    train = FolderDataset(scan(args.data, args.num_classes), args.batch_size, crop=args.crop, seed=args.seed)
+    val = FolderDataset(scan(args.val, args.num_classes), 1) if args.val else None
+    steps = args.steps_per_epoch or len(train)
+    scope = None
+    if args.distribute == "data-parallel":
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    elif args.distribute == "mirrored":
+        import tensorflow as tf
+
+        scope = tf.distribute.MirroredStrategy().scope()
+    mg = None if [v.lower() for v in args.multi_grid] == ["none"] else [int(v) for v in args.multi_grid]
+    with scope if scope is not None else _null():
+        model = danet_keras.DANet(args.num_classes, backbone=args.backbone, output_stride=args.output_stride,
+                                  multi_grid=mg, pretrained_backbone=args.pretrained_backbone)
+        model.build((None, None, None, 3))
+        if args.sync_batchnorm:
+            sync_batchnorm(model)
+        schedule = keras.optimizers.schedules.PolynomialDecay(args.lr, max(1, args.epochs * steps), 0.0, power=0.9)
+        loss = SegmentationCrossEntropy(ignore_index=IGNORE)
+        model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=1e-4),
+                      loss=[loss, loss, loss], metrics=[[MeanIoU(args.num_classes, ignore_index=IGNORE)], [], []])
+    for note in model.backbone_notes:
+        print(f"pretrained backbone: {note}")
+    history = model.fit(train, validation_data=val, epochs=args.epochs, steps_per_epoch=steps, verbose=2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / "model.keras")
+    clean = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    (out / "history.json").write_text(json.dumps(clean, indent=1))
+    return {"history": clean, "model": model, "out": out, "finite": all(math.isfinite(v) for vals in clean.values()
+                                                                         for v in vals)}
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""danet-train end to end on a synthetic folder dataset: learning, checkpoints, bit-exact resume, data errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from danet_torch import DANet
+from danet_torch.train import main, poly_lr
+from parity_tests.tests.helpers import make_segmentation_folder
+
+pytest.importorskip("PIL")
+
+# DANet-50 at output stride 16 on 32x32 crops; the recipe's SGD + poly with the head at 10x, a small rate.
+COMMON = ["--num-classes", "3", "--backbone", "resnet50", "--output-stride", "16", "--multi-grid", "none",
+          "--crop", "32", "--lr", "0.002", "--workers", "0", "--device", "cpu", "--log-every", "1"]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    """Fit two images from random weights (8 epochs of one step, validated on the same images with precise
+    BatchNorm statistics): the classic check that a training loop learns. A checkpoint is kept every epoch."""
+    root = tmp_path_factory.mktemp("train")
+    data = make_segmentation_folder(root / "ds", 2, size=32, block=16, seed=0, jpeg_every=2)
+    out = root / "a"
+    argv = ["--data", str(data), "--val", str(data), "--out", str(out), "--epochs", "8", "--batch-size", "2",
+            "--scale-range", "1", "1", "--precise-bn", "1", "--save-every", "6", *COMMON]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return argv, out, data, printed.getvalue()
+
+
+def test_loss_falls_and_miou_beats_chance(run_a):
+    _, out, data, _ = run_a
+    rows = _metrics(out)
+    assert [r["epoch"] for r in rows] == list(range(1, 9)) and rows[-1]["step"] == 8
+    assert rows[-1]["train_loss"] < 0.6 * rows[0]["train_loss"], rows
+    from PIL import Image
+
+    masks = np.stack([np.asarray(Image.open(p)) for p in sorted((data / "masks").iterdir())])
+    present = [c for c in range(3) if (masks == c).any()]
+    chance = max((masks == c).sum() for c in present) / (masks != 255).sum() / len(present)  # best constant guess
+    assert rows[-1]["val_miou"] > chance + 0.1, ([r["val_miou"] for r in rows], chance)
+    assert len(rows[-1]["val_iou"]) == 3
+
+
+def test_checkpoint_is_official_and_convertible(run_a):
+    _, out, _, _ = run_a
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    reference = DANet(3, backbone="resnet50", output_stride=16, multi_grid=None).state_dict()
+    assert list(ckpt["state_dict"]) == list(reference)
+    assert ckpt["arch"]["num_classes"] == 3 and ckpt["arch"]["backbone"] == "resnet50"
+    assert ckpt["arch"]["output_stride"] == 16 and ckpt["arch"]["multi_grid"] is None
+    assert ckpt["arch"]["in_channels"] == 3 and ckpt["epoch"] == 8 and ckpt["step"] == 8
+    assert (out / "best.pth").is_file() and (out / "epoch_0006.pth").is_file()
+    from weights_convert.api import load
+
+    neutral, spec = load(out / "last.pth")
+    assert spec.arch == "danet" and spec.num_classes == 3 and len(neutral) == len(reference)
+    assert np.array_equal(neutral["head.conv8.1.weight"], ckpt["state_dict"]["head.conv8.1.weight"].numpy())
+
+
+def test_resume_continues_bit_exactly(run_a, tmp_path):
+    argv, out, _, _ = run_a
+    i = argv.index("--out")
+    resumed = argv[:i] + ["--out", str(tmp_path / "b")] + argv[i + 2:] + ["--resume", str(out / "epoch_0006.pth")]
+    assert main(resumed) == 0
+    a = torch.load(out / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pth", weights_only=True)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for idx, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][idx]["momentum_buffer"]), idx
+    assert [r["train_loss"] for r in _metrics(tmp_path / "b")] == [r["train_loss"] for r in _metrics(out)[6:]]
+
+
+def test_plain_progress_lines_off_a_terminal(run_a):
+    printed = run_a[3]
+    assert "danet-train: 1 process(es) on cpu (single), DANet resnet50 3 classes, 2 training / 2 validation" in printed
+    assert "epoch 1/8 step 1/1 loss " in printed and "epoch 8/8: train loss " in printed, printed
+
+
+def test_an_existing_run_is_not_overwritten(run_a, capsys):
+    argv, out, _, _ = run_a
+    assert main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def _bad(tmp_path, damage):
+    data = make_segmentation_folder(tmp_path / "ds", 3, size=16, block=8)
+    damage(data)
+    return ["--data", str(data), "--out", str(tmp_path / "out"), "--val-fraction", "0", "--batch-size", "2", *COMMON]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "masks" / "001.png").unlink(), "have no mask"),
+    (lambda d: __import__("PIL.Image").Image.fromarray(np.full((16, 16), 5, np.uint8)).save(d / "masks" / "002.png"),
+     "class id(s) [5] outside 0..2"),
+    (lambda d: __import__("PIL.Image").Image.fromarray(np.zeros((8, 16), np.uint8)).save(d / "masks" / "000.png"),
+     "image 16x16, mask 16x8"),
+    (lambda d: [p.unlink() for p in (d / "images").iterdir()], "the dataset is empty"),
+])
+def test_bad_data_is_refused_before_training(tmp_path, capsys, damage, message):
+    assert main(_bad(tmp_path, damage)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("danet-train: error:") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_poly_schedule():
+    assert poly_lr(0.01, 0, 100) == 0.01
+    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert poly_lr(0.01, 100, 100) == 0.0

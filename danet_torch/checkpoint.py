@@ -5,7 +5,7 @@ A checkpoint is a dict that ``torch.load(path, weights_only=True)`` reads
 the ``state_dict`` entry)::
 
     {"state_dict": {official DANet keys: tensors},      # no "module." prefix
-     "arch": {"arch": "danet", "num_classes": ..., "backbone": ..., "in_channels": ..., ...},
+     "arch": {"kind": "danet", "num_classes": ..., "backbone": ..., "in_channels": ..., ...},
      "epoch": completed epochs, "step": optimiser steps,
      "optimizer": SGD state (momentum buffers), "scaler": AMP GradScaler state or None,
      "best_miou": float or None, "metrics": the last validation metrics, "args": the command's options}
@@ -25,16 +25,10 @@ FORMAT = "danet-train/1"
 
 
 def arch_record(model) -> dict:
-    """The architecture record of a ``danet_torch.DANet`` (``weights_convert.arch.ArchSpec`` fields + ``in_channels``)."""
-    from weights_convert.arch import ArchSpec
+    """The architecture record of a ``danet_torch.DANet`` (``weights_convert.ArchSpec.to_dict()``)."""
+    from weights_convert.frameworks import spec_from_torch
 
-    p = model.pretrained
-    spec = ArchSpec("danet", num_classes=model.num_classes, backbone=model.backbone, deep_stem=bool(p.deep_stem),
-                    output_stride=p.output_stride, multi_grid=p.multi_grid,
-                    dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
-    record = spec.to_dict()
-    record["in_channels"] = int(model.in_channels)
-    return record
+    return spec_from_torch(model).to_dict()
 
 
 def save_checkpoint(path, model, optimizer, scaler, epoch: int, step: int, best_miou, metrics, args: dict) -> Path:

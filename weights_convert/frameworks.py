@@ -20,8 +20,8 @@ from .infer import infer_arch
 from .mapping import from_keras_layout, keras_table, resolve_keras, to_keras_layout
 from .neutral import numpy_dtype, numpy_to_tensor, tensor_to_numpy
 
-__all__ = ["build_torch", "build_keras", "to_torch", "from_torch", "to_keras", "from_keras", "spec_from_keras",
-           "keras_precision", "danet_layer_of"]
+__all__ = ["build_torch", "build_keras", "to_torch", "from_torch", "spec_from_torch", "to_keras", "from_keras",
+           "spec_from_keras", "keras_precision", "danet_layer_of"]
 
 def _constructor_kwargs(cls, spec: ArchSpec, exclude=()) -> dict:
     """The record's fields that ``cls.__init__`` takes by name."""
@@ -46,6 +46,21 @@ def build_torch(spec: ArchSpec):
 def from_torch(module) -> "OrderedDict[str, np.ndarray]":
     """A torch module's state_dict as the neutral form (copies, dtypes kept)."""
     return OrderedDict((k, tensor_to_numpy(v)) for k, v in module.state_dict().items())
+
+
+def spec_from_torch(module) -> ArchSpec:
+    """The :class:`ArchSpec` of a ``danet_torch`` module: its class, and the constructor arguments it keeps as
+    attributes of the same names (every danet_torch model does)."""
+    import torch
+
+    kind = next((k for k in KINDS.values() if k.class_name == type(module).__name__), None)
+    if kind is None:
+        raise ConvertError(f"Not a danet_torch model: {type(module).__name__}; accepted: "
+                           f"{sorted(k.class_name for k in KINDS.values())}.")
+    record = {f: getattr(module, f) for f in kind.fields}
+    floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    record["dtype"] = str(floats[0] if floats else torch.float32).replace("torch.", "")
+    return ArchSpec(kind.name, **record)
 
 
 def to_torch(weights, arch: ArchSpec | None = None, allow_partial: bool = False):

@@ -65,8 +65,10 @@ def test_checkpoint_is_official_and_convertible(run_a):
     assert (out / "best.pth").is_file() and (out / "epoch_0006.pth").is_file()
     from weights_convert.api import load
 
-    neutral, spec = load(out / "last.pth")
-    assert spec.arch == "danet" and spec.num_classes == 3 and len(neutral) == len(reference)
+    ckpt_read = load(out / "last.pth")
+    neutral, spec = ckpt_read
+    assert ckpt_read.stored_record and spec.to_dict() == ckpt["arch"]
+    assert spec.kind == "danet" and spec.num_classes == 3 and len(neutral) == len(reference)
     assert np.array_equal(neutral["head.conv8.1.weight"], ckpt["state_dict"]["head.conv8.1.weight"].numpy())
 
 

@@ -159,3 +159,24 @@ def test_danet_under_distribution_equals_one_device(tmp_path, engine):
     # statistics or a missing gradient all-reduce would differ by 1e-2 or more, so the float32 bound (1e-4) still
     # separates right from wrong by two orders.
     assert _compare(runs, dtype="float64", grad_dtype="float32" if engine == "jax" else "float64") == 2 * 57
+
+
+def test_synchronized_flag_round_trips_and_is_plain_batchnorm_on_one_device(rng):
+    import danet_keras as dk
+    from danet_keras.distribution import sync_batchnorm
+
+    x = rng.normal(size=(2, 4, 4, 3)).astype("float32")
+    plain, synced = dk.BatchNorm(), dk.BatchNorm(synchronized=True)
+    assert synced.get_config()["synchronized"] is True
+    assert dk.BatchNorm.from_config(synced.get_config()).synchronized is True
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(plain(x, training=True)),
+                                  keras.ops.convert_to_numpy(synced(x, training=True)))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(plain.moving_variance),
+                                  keras.ops.convert_to_numpy(synced.moving_variance))
+    with pytest.raises(ValueError, match="`synchronized`"):
+        dk.BatchNorm(synchronized="yes")
+    model = dk.DANet(3, backbone="resnet50")
+    with pytest.raises(ValueError, match="not built"):
+        sync_batchnorm(model)
+    model.build((None, None, None, 3))
+    assert sync_batchnorm(model) == 57 and sync_batchnorm(model, False) == 57

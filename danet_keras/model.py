@@ -101,8 +101,10 @@ class DANet(keras.Model):
 
     def build(self, input_shape):
         check_shape("DANet", input_shape, self.data_format, self.in_channels)
-        self.pretrained.build(input_shape)
-        self.head.build(self.pretrained.compute_output_shape(input_shape)[-1])
+        if not self.pretrained.built:  # already built by load_pretrained_backbone
+            self.pretrained.build(input_shape)
+        if not self.head.built:
+            self.head.build(self.pretrained.compute_output_shape(input_shape)[-1])
         self.built = True
 
     def call(self, inputs, training=None):

@@ -22,7 +22,12 @@ __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_reduce
+    """Differentiable sum over the group (the backward sums the gradients over the group too)."""
+    import torch.distributed._functional_collectives as fc
+
+    if hasattr(fc, "all_reduce_backward"):  # newer torch: autograd registered for the functional collective
+        return fc.wait_tensor(fc.all_reduce(t, "sum", group))
+    from torch.distributed.nn.functional import all_reduce  # older torch: the autograd.Function version
 
     return all_reduce(t, group=group)
 

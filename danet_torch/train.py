@@ -100,7 +100,10 @@ def _check_args(args):
     if not 0 < low <= high:
         raise ValueError(f"`--scale-range` must be 0 < LOW <= HIGH, got {low} {high}.")
     mg = args.multi_grid
-    args.multi_grid = None if [v.lower() for v in mg] == ["none"] else tuple(int(v) for v in mg)
+    try:
+        args.multi_grid = None if [v.lower() for v in mg] == ["none"] else tuple(int(v) for v in mg)
+    except ValueError:
+        raise ValueError(f"`--multi-grid` takes layer4 dilations (e.g. 4 8 16) or `none`, got {' '.join(mg)}.") from None
     out = Path(args.out)
     if args.resume and Path(args.resume).is_dir():
         args.resume = str(Path(args.resume) / "last.pth")

@@ -12,8 +12,9 @@ Several devices: ``--distribute data-parallel`` (JAX,
 ``keras.distribution.DataParallel``: global BatchNorm statistics) or
 ``--distribute mirrored`` (TensorFlow, ``tf.distribute.MirroredStrategy``:
 per-replica statistics unless ``--sync-batchnorm``). ``--batch-size`` is the
-global batch. One learning rate for every layer (``danet-train`` gives the
-head 10x): Keras optimizers take one schedule.
+global batch; validation runs one image per device, so the validation images
+must share one size there. One learning rate for every layer (``danet-train``
+gives the head 10x): Keras optimizers take one schedule.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class FolderDataset(keras.utils.PyDataset):
         self.pairs, self.batch_size, self.crop, self.seed, self.epoch = list(pairs), batch_size, crop, seed, 0
 
     def __len__(self):
-        return len(self.pairs) // self.batch_size if self.crop else len(self.pairs)
+        return len(self.pairs) // self.batch_size
 
     def on_epoch_end(self):
         self.epoch += 1
@@ -100,9 +101,13 @@ class FolderDataset(keras.utils.PyDataset):
         return x, y
 
     def __getitem__(self, index):
-        if not self.crop:  # validation: whole images, one per batch
-            x, y = self._item(index, None)
-            return x[None], (y[None],) * 3
+        if not self.crop:  # validation: whole images, in order (a batch of several needs images of one size)
+            items = [self._item(i, None) for i in range(index * self.batch_size, (index + 1) * self.batch_size)]
+            if len({t[1].shape for t in items}) > 1:
+                raise ValueError(f"Validation images {[self.pairs[i][0].name for i in range(len(items))]} differ in "
+                                 f"size; batches of {self.batch_size} (one per device) need one size.")
+            y = np.stack([t[1] for t in items])
+            return np.stack([t[0] for t in items]), (y, y, y)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pairs))
         items = [self._item(int(i), np.random.default_rng([self.seed, self.epoch, int(i)]))
                  for i in order[index * self.batch_size:(index + 1) * self.batch_size]]
@@ -136,15 +141,17 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     keras.utils.set_random_seed(args.seed)
     train = FolderDataset(scan(args.data, args.num_classes), args.batch_size, crop=args.crop, seed=args.seed)
-    val = FolderDataset(scan(args.val, args.num_classes), 1) if args.val else None
     steps = args.steps_per_epoch or len(train)
-    scope = None
+    scope, val_batch = None, 1
     if args.distribute == "data-parallel":
         keras.distribution.set_distribution(keras.distribution.DataParallel())
+        val_batch = len(keras.distribution.list_devices())  # batches are sharded: one image per device
     elif args.distribute == "mirrored":
         import tensorflow as tf
 
-        scope = tf.distribute.MirroredStrategy().scope()
+        strategy = tf.distribute.MirroredStrategy()
+        scope, val_batch = strategy.scope(), strategy.num_replicas_in_sync  # no replica may get an empty batch
+    val = FolderDataset(scan(args.val, args.num_classes), val_batch) if args.val else None
     mg = None if [v.lower() for v in args.multi_grid] == ["none"] else [int(v) for v in args.multi_grid]
     with scope if scope is not None else _null():
         model = danet_keras.DANet(args.num_classes, backbone=args.backbone, output_stride=args.output_stride,

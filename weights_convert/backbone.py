@@ -166,7 +166,7 @@ def _check_structure(sd, depth: int, deep_stem: bool, source: str) -> None:
         if "layer1.0.conv3.weight" not in sd and found[0]:
             what += " of basic blocks (ResNet-18/34: no conv3)"
         raise ConvertError(f"{source} holds {what}, but the model's backbone is ResNet-{depth} "
-                           f"{RESNET_BLOCKS[depth]} blocks; pass the matching `backbone` "
+                           f"({RESNET_BLOCKS[depth]} blocks per stage); pass the matching `backbone` "
                            f"('resnet50' or 'resnet101') or other weights.")
 
 

@@ -28,7 +28,7 @@ def _metrics(out):
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
     """Fit two images from random weights (8 epochs of one step, validated on the same images with precise
-    BatchNorm statistics): the classic check that a training loop learns. A checkpoint is kept every epoch."""
+    BatchNorm statistics): the classic check that a training loop learns. Epoch 6 is kept for --resume."""
     root = tmp_path_factory.mktemp("train")
     data = make_segmentation_folder(root / "ds", 2, size=32, block=16, seed=0, jpeg_every=2)
     out = root / "a"

@@ -89,12 +89,15 @@ class Comparison:
     tol: Tolerance
     passed: bool
     nan_mismatch: bool = False
+    normwise: float = 0.0
+    headroom: float = 0.0
 
     def message(self) -> str:
         status = "PASS" if self.passed else "FAIL"
         nan = " (NaN masks differ)" if self.nan_mismatch else ""
         return (f"{self.name}: {status}{nan} max|diff|={self.max_abs:.3e} "
-                f"max rel={self.max_rel:.3e} tolerance atol={self.tol.atol:g} rtol={self.tol.rtol:g}")
+                f"max rel={self.max_rel:.3e} normwise={self.normwise:.3e} headroom={self.headroom:.3g} "
+                f"tolerance atol={self.tol.atol:g} rtol={self.tol.rtol:g}")
 
 
 def compare(name: str, actual, expected, tol: Tolerance) -> Comparison:
@@ -120,8 +123,16 @@ def compare(name: str, actual, expected, tol: Tolerance) -> Comparison:
         finite_scale = np.full_like(finite_scale, finite_scale.max() if finite_scale.size else 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             max_rel = float(max_abs / finite_scale.max()) if finite_scale.size and finite_scale.max() > 0 else max_rel
-    ok = bool(np.all(diff <= tol.atol + tol.rtol * finite_scale)) and not nan_mismatch
-    return Comparison(name, max_abs, max_rel, tol, ok, nan_mismatch)
+    allowed = tol.atol + tol.rtol * finite_scale
+    ok = bool(np.all(diff <= allowed)) and not nan_mismatch
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        headroom = float(np.where(diff == 0, 0.0, diff / allowed).max()) if diff.size else 0.0
+        finite = np.isfinite(a[both]) & np.isfinite(e[both])
+        err, ref = np.linalg.norm((a[both] - e[both])[finite]), np.linalg.norm(e[both][finite])
+    normwise = float(err / ref) if ref > 0 else (0.0 if err == 0 else float("inf"))
+    if nan_mismatch or (diff.size and not np.isfinite(diff).all()):
+        headroom = float("inf")
+    return Comparison(name, max_abs, max_rel, tol, ok, nan_mismatch, normwise, headroom)
 
 
 def table_markdown() -> str:

@@ -100,7 +100,7 @@ def table(report: dict, verbose: bool = False) -> list:
         normwise = _normwise(group)
         lines.append(f"{component:<15} {check:<21} {backend:<10} {dtype:<8} {len(group):>4} {_fmt(normwise):>9} "
                      f"{_fmt(worst['headroom']):>9}  {_tol(worst):<24} {'FAIL' if failed else 'PASS':<6} "
-                     f"{worst['output']}" + (f" (vs {worst['against']})" if worst["against"] != "torch" else ""))
+                     f"{worst['output']}" + (f" vs {worst['against']}" if worst["against"] != "torch" else ""))
         others = [r for r in failed if r is not worst]  # the worst is on the group's line
         shown = [r for r in group if r is not worst] if verbose else others[:SHOWN_FAILURES]
         for r in shown:

@@ -198,6 +198,9 @@ def run_backend(components=None, torch_weights=None, keras_weights=None, overrid
     start = time.perf_counter()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`--device cuda`: torch sees no CUDA device here (torch.cuda.is_available() is False); "
+                         "use --device cpu, or auto")
     meta = backend_meta(device)
     emit({"event": "meta", **meta})
     if torch_weights or keras_weights:

@@ -11,11 +11,13 @@ is ``getattr``, a number is ``.layers[i]`` of a ``keras.Sequential``
 2. runs the Keras model once with every mirrored sublayer's ``call`` wrapped
    (restored afterwards; eager, any backend), which gives each module's input
    and output as the whole Keras model computes them ("end to end");
-3. runs each mirrored Keras sublayer again on the *torch* module's input, in
-   Keras layout, and compares its output with torch's ("local"). Both sides
-   then start from the same numbers, so a module whose local output differs
-   while every module inside it agrees is where the port differs: a weight
-   mapped wrongly, a different epsilon, a missing ReLU, other math.
+3. runs mirrored Keras sublayers again on the *torch* module's input, in
+   Keras layout, and compares their outputs with torch's ("local"): first the
+   whole model, then, inside a module that differs, its sub-modules in
+   order. Both sides start from the same numbers, so a module whose local
+   output differs while every module inside it agrees is where the port
+   differs: a weight mapped wrongly, another epsilon, a missing ReLU, other
+   math. Where all agree, this costs one more forward.
 
 :func:`training_divergences` does the same for BatchNorm in training mode:
 each Keras BatchNorm, from the same state, normalises the torch BatchNorm's
@@ -34,6 +36,7 @@ import keras
 import numpy as np
 import torch
 
+from parity_tests.harness import exact_numerics
 from weights_convert.mapping import resolve_keras
 from weights_convert.tolerances import compare, tolerance
 
@@ -199,8 +202,14 @@ def forward_divergences(torch_model, keras_model, x: np.ndarray, dtype: str, sco
     than once), ``error`` (normwise relative, local), ``headroom``,
     ``max_abs``, ``input_error``/``input_headroom`` (its input in the whole
     Keras run against torch's), ``tolerance``, ``what``. ``note`` names
-    torch modules without a Keras mirror.
+    torch modules without a Keras mirror. Runs under
+    :func:`parity_tests.harness.exact_numerics` (no TF32; float64 on JAX).
     """
+    with exact_numerics():
+        return _forward_divergences(torch_model, keras_model, x, dtype, scope, device, channels_last, limit)
+
+
+def _forward_divergences(torch_model, keras_model, x, dtype, scope, device, channels_last, limit):
     tol = tolerance(dtype, scope)
     torch_model.eval()
     calls = torch_calls(torch_model, x, dtype, device)
@@ -260,10 +269,15 @@ def training_divergences(torch_model, keras_model, x: np.ndarray, dtype: str, sc
     compared with torch's. Entries as :func:`forward_divergences`, with
     ``what`` naming the statistics that differ.
     """
+    with exact_numerics():
+        return _training_divergences(torch_model, keras_model, x, dtype, scope, device, channels_last, limit)
+
+
+def _training_divergences(torch_model, keras_model, x, dtype, scope, device, channels_last, limit):
     tol, stat_tol = tolerance(dtype, scope), tolerance(dtype, "layer")
     torch_model.train()
     try:
-        calls = torch_calls(torch_model, x, dtype, device, only=torch.nn.modules.batchnorm._BatchNorm)
+        calls = torch_calls(torch_model, x, dtype, device, only=torch.nn.BatchNorm2d)
     finally:
         torch_model.eval()
     modules = dict(torch_model.named_modules())

@@ -48,7 +48,8 @@ STATS = (("running_mean", "moving_mean"), ("running_var", "moving_variance"),
 
 @dataclass(eq=False)
 class Call:
-    """One call of a torch module: its name, which call of it this is, its input and outputs (NCHW, float64)."""
+    """One call of a torch module: its name, which call of it this is, its input and outputs (NCHW NumPy arrays:
+    float64 stays float64, other floats are held as float32)."""
 
     name: str
     index: int
@@ -64,7 +65,8 @@ def keras_path_of(name: str) -> str:
 
 
 def _np(t) -> np.ndarray:
-    return t.detach().to("cpu", torch.float64).numpy()
+    t = t.detach().to("cpu")
+    return t.numpy() if t.dtype == torch.float64 else t.to(torch.float32).numpy()
 
 
 def _as_tuple(out):
@@ -111,7 +113,8 @@ def _to_keras(a: np.ndarray, channels_last: bool) -> np.ndarray:
 
 
 def _from_keras(t, channels_last: bool) -> np.ndarray:
-    a = np.asarray(keras.ops.convert_to_numpy(t), dtype=np.float64)
+    a = np.asarray(keras.ops.convert_to_numpy(t))
+    a = a if a.dtype == np.float64 else a.astype(np.float32)
     return np.moveaxis(a, -1, 1) if channels_last and a.ndim == 4 else a
 
 

@@ -2,9 +2,10 @@
 
 Each test plants one mistake of a DANet port to Keras (the ones the known
 Keras ports made, or that a converter makes), runs ``danet-parity`` in this
-process on the running Keras backend, and asserts that it exits 1 and that
-the first divergence it reports is the planted module, with its Keras path.
-The monkeypatches are undone after each test.
+process on the running Keras backend (the CLI with ``--in-process``; for
+DANet-50, the library on one shared pair), and asserts that it exits 1 and
+that the first divergence it reports is the planted module, with its Keras
+path. The monkeypatches are undone after each test.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import danet_keras.attention as dk_attention
 import danet_keras.backbone as dk_backbone
 import danet_keras.model as dk_model
 import weights_convert.mapping as mapping
-from parity_tests import cli
+from parity_tests import cli, harness, trace
+from parity_tests import report as rep
 
 pytestmark = pytest.mark.keras
 
@@ -125,20 +127,40 @@ def test_the_two_gammas_exchanged(tmp_path, monkeypatch):
     _assert_named(tmp_path, DUAL, "sa", "sa")
 
 
-# float64 only: one pair of models (building a DANet-50 pair costs more than running it)
-DANET = ["--components", "danet50", "--input-size", "17", "17", "--batch", "1", "--no-gradients", "--dtype", "float64"]
+@pytest.fixture(scope="module")
+def danet50():
+    """One DANet-50 pair in float64 at 17x17 (building it costs more than running it); the two bugs below are
+    planted at call time, so both run on it, through the library: the harness's rows and the trace."""
+    spec, _ = harness.component_spec("danet50")
+    with harness.exact_numerics():
+        pair = harness.make_pair(spec, seed=0, dtype="float64")
+    return spec, pair, harness.make_input(spec, (17, 17), batch=1, seed=0)
 
 
-def test_resize_without_align_corners(tmp_path, monkeypatch):
+def _danet50_parity(danet50):
+    """``(exit code, divergences)`` by danet-parity's rules: float64 outputs, then the trace."""
+    spec, pair, x = danet50
+    with harness.exact_numerics():
+        rows = harness.forward_rows("danet50", spec, *pair, x, "float64")
+        found, _ = trace.forward_divergences(*pair, x, "float64", spec.info.scope)
+    return rep.exit_code({"rows": [r.as_dict() for r in rows], "errors": [], "weights": None}), found
+
+
+def test_danet50_unchanged_agrees(danet50):
+    assert _danet50_parity(danet50) == (0, [])
+
+
+def test_resize_without_align_corners(danet50, monkeypatch):
     """keras.ops.image.resize's bilinear is align_corners=False (half-pixel); DANet upsamples with True."""
     def half_pixel(x, size, data_format=None):
         return ops.image.resize(x, (int(size[0]), int(size[1])), interpolation="bilinear", data_format=data_format)
 
     monkeypatch.setattr(dk_model, "resize_bilinear_align_corners", half_pixel)
-    _assert_named(tmp_path, DANET, "", "", dtypes=("float64",))
+    code, found = _danet50_parity(danet50)
+    assert code == 1 and (found[0]["module"], found[0]["keras_path"], found[0]["class"]) == ("", "", "DANet"), found
 
 
-def test_backbone_block_without_its_last_relu(tmp_path, monkeypatch):
+def test_backbone_block_without_its_last_relu(danet50, monkeypatch):
     def no_final_relu(self, inputs, training=None):
         identity = inputs if self.downsample is None else self.downsample(inputs, training=training)
         out = self.relu(self.bn1(self.conv1(inputs), training=training))
@@ -146,4 +168,7 @@ def test_backbone_block_without_its_last_relu(tmp_path, monkeypatch):
         return self.bn3(self.conv3(out), training=training) + identity
 
     monkeypatch.setattr(dk_backbone.Bottleneck, "call", no_final_relu)
-    _assert_named(tmp_path, DANET, "pretrained.layer1.0", "pretrained.layer1.layers[0]", dtypes=("float64",))
+    code, found = _danet50_parity(danet50)
+    assert code == 1 and (found[0]["module"], found[0]["keras_path"]) == ("pretrained.layer1.0",
+                                                                          "pretrained.layer1.layers[0]"), found
+    assert found[0]["input_headroom"] <= 1 < found[0]["headroom"]

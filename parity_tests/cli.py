@@ -2,12 +2,19 @@
 
 With no arguments: seeded random weights for PAM, CAM, the head and DANet-50
 at a small size, every installed Keras backend (each in its own process),
-the best available device. Prints one line per component, backend and check
-(the worst output of each), every failing output in full, and exits 0 when
-all pass, 1 when any fails, 2 on bad usage or unreadable weights.
+the best available device. Each component is compared in float32 (what
+users run) and, by default, in float64 too (where a weight difference above
+rounding cannot hide), with gradients and the BatchNorm statistics after
+one training step. Where a comparison fails, both models run again module
+by module and the first module that differs while its input agrees is
+named, with its Keras path.
+
+Exit codes: 0 all agree; 1 a mismatch (outputs, gradients, statistics, or
+the two weight files differ); 2 bad usage, unreadable weights, or a crash
+(the other backends still run and are reported).
 
     danet-parity
-    danet-parity --torch-weights danet101.pth --input-size 97 129 --json report.json
+    danet-parity --torch-weights danet101.pth --input-size 97 129 --json report.json --junit-xml parity.xml
     danet-parity --torch-weights model.pth --keras-weights model.weights.h5
 """
 
@@ -22,172 +29,271 @@ import sys
 import tempfile
 import time
 
+from parity_tests import report as rep
+from parity_tests.environment import environment
 from weights_convert.cli import add_arch_options, arch_options
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "BACKENDS", "COMPONENT_NAMES"]
 
 BACKENDS = ("tensorflow", "jax", "torch")
 DEFAULT_COMPONENTS = ("pam", "cam", "head", "danet50")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 COMPONENT_NAMES = ("pam", "cam", "dual_attention", "head", "danet50", "danet101")
+EVENT = "@@danet-parity-event@@ "  # a worker's stdout lines that carry events start with this
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="danet-parity", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
-    p.add_argument("--torch-weights", metavar="F", help="weights for the torch side (any format danet-convert reads)")
-    p.add_argument("--keras-weights", metavar="F", help="weights for the Keras side; without --torch-weights both "
-                   "sides use them")
+    w = p.add_argument_group("weights (default: seeded random weights, --components)")
+    w.add_argument("--torch-weights", metavar="F", help="weights for the torch side (any format danet-convert reads)")
+    w.add_argument("--keras-weights", metavar="F", help="weights for the Keras side; without --torch-weights both "
+                   "sides use them. With both, the two files are first compared tensor by tensor (exact)")
+    w.add_argument("--weights-may-differ", action="store_true",
+                   help="with both files: report differing tensors but judge by the outputs alone")
     add_arch_options(p)
-    p.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
-                   help="with random weights: comma-separated from pam,cam,dual_attention,head,danet50,danet101 "
-                        "(default: %(default)s)")
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="spatial input size")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
+    r = p.add_argument_group("what to run")
+    r.add_argument("--components", help="with random weights: comma-separated from " + ",".join(COMPONENT_NAMES)
+                   + f" (default: {','.join(DEFAULT_COMPONENTS)})")
+    r.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="spatial input size")
+    r.add_argument("--batch", type=int, default=2)
+    r.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="float32/float64: torch vs Keras; float16/bfloat16: both vs float64 (autocast, mixed policy)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    r.add_argument("--float64", action=argparse.BooleanOptionalAction, default=True,
+                   help="also compare the forward in float64 (default: on)")
+    r.add_argument("--no-gradients", action="store_true", help="compare forward outputs only")
+    r.add_argument("--trace", action="store_true",
+                   help="trace module by module even when everything agrees (always done where a check fails)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="torch's device (Keras on JAX/torch uses the GPU when it has one; TensorFlow stays on CPU)")
-    p.add_argument("--keras-backend", default="all",
+    r.add_argument("--keras-backend", default="all",
                    help="comma-separated from tensorflow,jax,torch, or 'all' installed (default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-gradients", action="store_true", help="compare forward outputs only")
-    p.add_argument("--verbose", action="store_true", help="print every compared output")
-    p.add_argument("--json", metavar="REPORT", help="write every row as JSON")
-    p.add_argument("--tolerances", action="store_true", help="print the tolerance table and exit")
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    r.add_argument("--in-process", action="store_true",
+                   help="run in this process on its KERAS_BACKEND, without worker processes (for tests and notebooks)")
+    r.add_argument("--seed", type=int, default=0)
+    o = p.add_argument_group("output")
+    o.add_argument("--verbose", action="store_true", help="print every compared tensor")
+    o.add_argument("--json", metavar="REPORT", help="write the whole report as JSON")
+    o.add_argument("--junit-xml", metavar="FILE", help="write JUnit XML (a testsuite per backend)")
+    o.add_argument("--tolerances", action="store_true", help="print the tolerance table and exit")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
 
-
-
-def _worker(args) -> int:
-    """Runs inside one Keras backend: compares, writes rows as JSON."""
-    import torch
-
-    import weights_convert as wc
-    from parity_tests import harness
-
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    size = tuple(args.input_size) if args.input_size else None
-    jobs = []
-    if args.torch_weights or args.keras_weights:
+def _validate(parser, args) -> tuple:
+    """``(backends, job options, warnings)``; ``parser.error`` (exit 2) on bad usage."""
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
+    if args.input_size and min(args.input_size) < 1:
+        parser.error(f"--input-size must be positive, got {args.input_size}")
+    for flag in ("torch_weights", "keras_weights"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            parser.error(f"--{flag.replace('_', '-')} {path!r} does not exist or is not a file")
+    components = args.components.split(",") if args.components else list(DEFAULT_COMPONENTS)
+    unknown = [c for c in components if c not in COMPONENT_NAMES]
+    if unknown:
+        parser.error(f"--components has {unknown}; accepted: {', '.join(COMPONENT_NAMES)}")
+    try:
         overrides = arch_options(args)
-        neutral_k = spec_k = None
-        if args.keras_weights:
-            neutral_k, spec_k = wc.load(args.keras_weights, **overrides)
-        if args.torch_weights:
-            neutral_t, spec = wc.load(args.torch_weights, **overrides)
-        else:
-            neutral_t, spec = neutral_k, spec_k
-        if spec_k is not None and wc.expected_shapes(spec_k) != wc.expected_shapes(spec):
-            raise wc.ConvertError(f"--torch-weights is {spec.describe()} but --keras-weights is "
-                                  f"{spec_k.describe()}: they must be the same architecture.")
-        spec = spec.replace(dtype="float32")
-        label = spec.backbone.replace("resnet", "danet") if spec.kind == "danet" else spec.kind
-        jobs.append((label, spec, neutral_t, neutral_k))
-    else:
-        for name in args.components.split(","):
-            jobs.append((name, None, None, None))
-    rows = []
-    for name, spec, neutral_t, neutral_k in jobs:
-        rows += harness.run_component(name, spec=spec, size=size, batch=args.batch, seed=args.seed,
-                                      dtype=args.dtype, device=device, gradients=not args.no_gradients,
-                                      neutral=neutral_t, keras_neutral=neutral_k)
-    with open(args.worker_out, "w") as fh:
-        json.dump([r.as_dict() for r in rows], fh)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    wanted = BACKENDS if args.keras_backend == "all" else tuple(args.keras_backend.split(","))
+    bad = [b for b in wanted if b not in BACKENDS]
+    if bad:
+        parser.error(f"--keras-backend has {bad}; accepted: {', '.join(BACKENDS)} or 'all'")
+    if args.in_process:
+        current = os.environ.get("KERAS_BACKEND", "tensorflow")
+        if args.keras_backend != "all" and wanted != (current,):
+            parser.error(f"--in-process runs on this process's KERAS_BACKEND ({current}); "
+                         f"--keras-backend {args.keras_backend} needs worker processes (drop --in-process)")
+        wanted = (current,)
+    warnings = []
+    files = bool(args.torch_weights or args.keras_weights)
+    if files and args.components:
+        warnings.append("--components does not apply with --torch-weights/--keras-weights (the weights' "
+                        "architecture is the component); ignored")
+    if not files and overrides:
+        warnings.append(f"the architecture options ({', '.join('--' + k.replace('_', '-') for k in overrides)}) "
+                        f"apply to weight files only; ignored with random weights")
+    if args.weights_may_differ and not (args.torch_weights and args.keras_weights):
+        warnings.append("--weights-may-differ applies only with both --torch-weights and --keras-weights; ignored")
+    if not args.float64 and args.dtype == "float64":
+        warnings.append("--no-float64 does not apply with --dtype float64; ignored")
+    job = {"components": None if files else components, "torch_weights": args.torch_weights,
+           "keras_weights": args.keras_weights, "overrides": overrides,
+           "size": list(args.input_size) if args.input_size else None, "batch": args.batch, "seed": args.seed,
+           "dtype": args.dtype, "device": args.device, "gradients": not args.no_gradients,
+           "float64": args.float64, "trace": args.trace}
+    return wanted, job, warnings
+
+
+def _worker(job_json: str) -> int:
+    """Inside one Keras backend: run the job, one event per stdout line."""
+    def emit(event):
+        sys.stdout.write(EVENT + json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+    try:
+        from parity_tests.session import run_backend
+
+        run_backend(**json.loads(job_json), emit=emit)
+    except Exception as e:  # noqa: BLE001 - a crash is an error entry, never a mismatch
+        import traceback
+
+        emit({"event": "error", "type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()})
+        return 2
+    emit({"event": "done"})
     return 0
 
 
-def _summarise(rows, verbose: bool) -> list[str]:
-    """One line per (component, backend, check): the worst output, and every failure in full."""
-    lines = [f"{'component/output':<44} {'backend':<10} {'device':<20} {'dtype':<8} {'max abs':>9} {'max rel':>9} "
-             f"{'tolerance':<20} result"]
+class _Progress:
+    """Per-backend progress on a terminal (one rewritten line); one line per finished backend otherwise too."""
 
-    def fmt(r, label):
-        tol = f"atol={r['atol']:g} rtol={r['rtol']:g}"
-        return (f"{label:<44} {r['backend']:<10} {r['device']:<20} {r['dtype']:<8} {r['max_abs']:>9.2e} "
-                f"{r['max_rel']:>9.2e} {tol:<20} {'PASS' if r['passed'] else 'FAIL'}")
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.tty = stream, stream.isatty()
 
-    groups: dict = {}
-    for r in rows:
-        kind = "gradients" if r["output"].startswith("d/d") else (
-            "BatchNorm stats" if r["output"].endswith("after 1 step") else "outputs")
-        groups.setdefault((r["component"], r["backend"], kind), []).append(r)
-    for (component, _, kind), group in groups.items():
-        worst = max(group, key=lambda r: r["max_abs"] / (r["atol"] + r["rtol"] * max(1e-30, abs(r["max_abs"]))))
-        if verbose:
-            lines += [fmt(r, f"{component}/{r['output']}") for r in group]
+    def stage(self, backend, component, stage, elapsed):
+        if self.tty:
+            self.stream.write(f"\r\033[Kdanet-parity: {backend}: {component}: {stage} ({elapsed:.0f} s)")
+            self.stream.flush()
+
+    def done(self, backend, results, seconds, error=None):
+        failed = sum(r["status"] != "pass" for r in results)
+        status = f"crashed ({error})" if error else f"{len(results)} component(s), {failed} not passing"
+        self.stream.write(("\r\033[K" if self.tty else "") + f"danet-parity: {backend}: {status}, {seconds:.0f} s\n")
+        self.stream.flush()
+
+
+def _run_worker(backend, job, on_event) -> None:
+    cmd = [sys.executable, "-m", "parity_tests.cli", "--worker", json.dumps(job)]
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        finished = False
+        for line in proc.stdout:
+            if line.startswith(EVENT):
+                event = json.loads(line[len(EVENT):])
+                finished = finished or event["event"] in ("done", "error")
+                on_event(event)
+        code = proc.wait()
+        if code != 0 and not finished:
+            err.seek(0)
+            tail = err.read()[-4000:]
+            on_event({"event": "error", "type": "WorkerCrash", "traceback": tail,
+                      "message": f"the {backend} worker exited with status {code} "
+                                 f"({tail.strip().splitlines()[-1] if tail.strip() else 'no message'})"})
+
+
+def _run_all(backends, job, in_process, progress) -> tuple:
+    """``(backend entries, results, errors)``; every backend runs whatever the others did."""
+    entries, results, errors = [], [], []
+    for backend in backends:
+        start = time.perf_counter()
+        entry = {"name": backend, "status": "ok"}
+        mine = []
+
+        def on_event(event, backend=backend, entry=entry, mine=mine, start=start):
+            kind = event.pop("event")
+            if kind == "meta":
+                entry.update(event)
+            elif kind == "progress":
+                progress.stage(backend, event["component"], event["stage"], time.perf_counter() - start)
+            elif kind == "component":
+                mine.append(event["result"])
+                if event["result"]["error"]:
+                    errors.append({"backend": backend, "component": event["result"]["component"],
+                                   **event["result"]["error"]})
+            elif kind == "error":
+                entry["status"] = "error"
+                errors.append({"backend": backend, "component": None, **event})
+
+        if in_process:
+            try:
+                from parity_tests.session import run_backend
+
+                def emit(event, on_event=on_event):
+                    on_event(json.loads(json.dumps(event)))  # the same plain dicts a worker sends
+
+                run_backend(**job, emit=emit)
+            except Exception as e:  # noqa: BLE001
+                import traceback
+
+                on_event({"event": "error", "type": type(e).__name__, "message": str(e),
+                          "traceback": traceback.format_exc()})
         else:
-            failed = [r for r in group if not r["passed"]]
-            label = f"{component}/{kind} ({len(group)}, worst {worst['output']})"
-            lines.append(fmt(dict(worst, passed=not failed), label[:44]))
-            lines += ["  " + fmt(r, f"{component}/{r['output']}")[:200] for r in failed]
-    return lines
+            _run_worker(backend, job, on_event)
+        entry["seconds"] = time.perf_counter() - start
+        entries.append(entry)
+        results += mine
+        progress.done(backend, mine, entry["seconds"], errors[-1]["message"] if entry["status"] == "error" else None)
+    return entries, results, errors
+
+
+def _check_weights(args, job) -> tuple:
+    """``(weights entry or None, error message or None)``: read the files first; compare two exactly."""
+    import weights_convert as wc
+    from parity_tests.weights_check import compare_weight_files
+
+    try:
+        if args.torch_weights and args.keras_weights:
+            return compare_weight_files(args.torch_weights, args.keras_weights, job["overrides"],
+                                        args.weights_may_differ), None
+        wc.load(args.torch_weights or args.keras_weights, **job["overrides"])
+        return None, None
+    except (ValueError, OSError) as e:  # ConvertError is a ValueError
+        return None, str(e)
 
 
 def main(argv=None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.tolerances:
         from weights_convert.tolerances import table_markdown
 
         print(table_markdown())
         return 0
-    if args.batch < 1:
-        parser.error(f"--batch must be >= 1, got {args.batch}")
-    if args.input_size and min(args.input_size) < 1:
-        parser.error(f"--input-size must be positive, got {args.input_size}")
-    if args.worker_out:
-        try:
-            return _worker(args)
-        except (ValueError, OSError) as e:  # ConvertError is a ValueError: unreadable or unusable weights
-            print(f"danet-parity: {e}", file=sys.stderr)
-            return 2
-        except Exception as e:  # noqa: BLE001 - a crash is not a mismatch: never exit 1 for it
-            print(f"danet-parity: unexpected {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
-    for flag in ("torch_weights", "keras_weights"):
-        path = getattr(args, flag)
-        if path and not os.path.isfile(path):
-            parser.error(f"--{flag.replace('_', '-')} {path!r} does not exist or is not a file")
-    unknown = [c for c in args.components.split(",") if c not in COMPONENT_NAMES]
-    if unknown:
-        parser.error(f"--components has {unknown}; accepted: {', '.join(COMPONENT_NAMES)}")
-    wanted = BACKENDS if args.keras_backend == "all" else tuple(args.keras_backend.split(","))
-    bad = [b for b in wanted if b not in BACKENDS]
-    if bad:
-        parser.error(f"--keras-backend has {bad}; accepted: {', '.join(BACKENDS)} or 'all'")
-    backends = [b for b in wanted if importlib.util.find_spec(b) is not None]
-    missing = sorted(set(wanted) - set(backends))
+    if args.worker:
+        return _worker(args.worker)
+    backends, job, warnings = _validate(parser, args)
+    for w in warnings:
+        print(f"danet-parity: warning: {w}", file=sys.stderr)
+    installed = [b for b in backends if importlib.util.find_spec(b) is not None]
+    missing = sorted(set(backends) - set(installed))
     if missing:
         print(f"danet-parity: Keras backend(s) not installed, skipped: {', '.join(missing)}", file=sys.stderr)
-    if not backends or importlib.util.find_spec("keras") is None:
+    if not installed or importlib.util.find_spec("keras") is None:
         print("danet-parity: no Keras backend is installed (pip install 'danet[all]')", file=sys.stderr)
         return 2
-    rows, start = [], time.perf_counter()
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--verbose"]
-    with tempfile.TemporaryDirectory() as tmp:
-        for backend in backends:
-            out = os.path.join(tmp, f"{backend}.json")
-            cmd = [sys.executable, "-m", "parity_tests.cli", *forwarded, "--worker-out", out]
-            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-            print(f"danet-parity: running Keras on {backend} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            if proc.returncode != 0 or not os.path.exists(out):  # no rows: the worker failed, not parity
-                sys.stderr.write(proc.stderr[-4000:])
-                return 2
-            with open(out) as fh:
-                rows += json.load(fh)
-    print("\n".join(_summarise(rows, args.verbose)))
-    failed = [r for r in rows if not r["passed"]]
-    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed ({len(rows)} outputs compared, "
-          f"{time.perf_counter() - start:.0f} s)")
+    start = time.perf_counter()
+    weights = None
+    if args.torch_weights or args.keras_weights:
+        weights, problem = _check_weights(args, job)
+        if problem:
+            print(f"danet-parity: {problem}", file=sys.stderr)
+            return 2
+        if weights:
+            print("\n".join(weights["lines"]), flush=True)
+    entries, results, errors = _run_all(installed, job, args.in_process, _Progress())
+    report = {"schema": rep.SCHEMA, "argv": sys.argv[1:] if argv is None else list(argv),
+              **environment(entries), "options": {k: v for k, v in job.items() if k != "overrides"},
+              "architecture_options": job["overrides"], "warnings": warnings, "weights": weights,
+              "backends": entries + [{"name": b, "status": "not installed"} for b in missing],
+              "results": [{k: v for k, v in r.items() if k != "rows"} for r in results],
+              "rows": [row for r in results for row in r["rows"]], "errors": errors,
+              "seconds": time.perf_counter() - start}
+    report["exit_code"] = rep.exit_code(report)
+    report["result"] = {0: "pass", 1: "fail", 2: "error"}[report["exit_code"]]
+    report["totals"] = rep.totals(report)
+    print("\n".join(rep.table(report, args.verbose) + rep.divergence_lines(report) + rep.summary_lines(report)))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"argv": sys.argv[1:] if argv is None else list(argv), "rows": rows}, fh, indent=1)
-    return 1 if failed else 0
+            json.dump(rep.plain_json(report), fh, indent=1, default=str, allow_nan=False)
+    if args.junit_xml:
+        with open(args.junit_xml, "w") as fh:
+            fh.write(rep.junit_xml(report))
+    return report["exit_code"]
 
 
 if __name__ == "__main__":

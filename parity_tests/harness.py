@@ -26,7 +26,7 @@ from weights_convert.testing import randomize_
 from weights_convert.tolerances import compare, tolerance
 
 __all__ = ["Row", "COMPONENTS", "make_input", "make_pair", "keras_device", "forward_rows", "gradient_rows",
-           "reference_outputs", "run_component", "exact_numerics"]
+           "reference_outputs", "run_component", "exact_numerics", "component_spec", "nhwc", "nchw"]
 
 # name -> (ArchSpec, default input size H, W)
 COMPONENTS = {
@@ -39,8 +39,25 @@ COMPONENTS = {
 }
 
 
+def component_spec(component: str, spec=None, size=None):
+    """``(spec, size)``: a named component's defaults, each replaced by what is given."""
+    if spec is None and component not in COMPONENTS:
+        raise ValueError(f"`component` must be one of {list(COMPONENTS)} (or give `spec`), got {component!r}.")
+    default_spec, default_size = COMPONENTS.get(component, (None, None))
+    spec = spec or default_spec
+    return spec, tuple(size or default_size or spec.info.example_size)
+
+
 @dataclass
 class Row:
+    """One compared tensor: which, where, how far apart, under which tolerance.
+
+    ``check`` is ``"outputs"``, ``"gradients"`` or ``"BatchNorm statistics"``;
+    ``normwise`` is ``||actual - expected|| / ||expected||``; ``headroom`` is
+    ``max(|actual - expected| / (atol + rtol * scale))``: PASS iff <= 1 (and
+    the NaN masks agree).
+    """
+
     component: str
     output: str
     backend: str
@@ -52,11 +69,17 @@ class Row:
     rtol: float
     passed: bool
     against: str = "torch"
+    check: str = "outputs"
+    normwise: float = 0.0
+    headroom: float = 0.0
+    relative_to: str = "element"
+    norm: float = 0.0  # ||expected||, so groups of rows can give one normwise error
 
     def message(self) -> str:
         return (f"{self.component}/{self.output} [keras-{self.backend} vs {self.against}, {self.device}, "
-                f"{self.dtype}]: max|diff|={self.max_abs:.3e} max rel={self.max_rel:.3e} "
-                f"(atol={self.atol:g}, rtol={self.rtol:g}) {'PASS' if self.passed else 'FAIL'}")
+                f"{self.dtype}]: normwise={self.normwise:.3e} headroom={self.headroom:.3g} "
+                f"max|diff|={self.max_abs:.3e} (atol={self.atol:g}, rtol={self.rtol:g}) "
+                f"{'PASS' if self.passed else 'FAIL'}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -186,13 +209,14 @@ def reference_outputs(spec, neutral, x: np.ndarray):
         return [o.numpy() for o in model64(torch.from_numpy(x))]
 
 
-def _rows(component, names, actual, expected, dtype, scope, against, device):
+def _rows(component, names, actual, expected, dtype, scope, against, device, check="outputs"):
     tol = tolerance(dtype, scope)
     rows = []
     for name, a, e in zip(names, actual, expected):
         c = compare(name, a, e, tol)
         rows.append(Row(component, name, keras.backend.backend(), device, dtype, c.max_abs, c.max_rel,
-                        tol.atol, tol.rtol, c.passed, against))
+                        tol.atol, tol.rtol, c.passed, against, check, c.normwise, c.headroom, tol.relative_to,
+                        float(np.linalg.norm(np.nan_to_num(np.asarray(e, np.float64), posinf=0.0, neginf=0.0)))))
     return rows
 
 
@@ -235,38 +259,29 @@ def gradient_rows(component, spec, torch_model, keras_model, x, device="cpu", se
             continue
         var = wc.mapping.resolve_keras(keras_model, row.keras_path)
         grad = k_grads.get(id(var))
-        if grad is None:
-            raise AssertionError(f"{component}: Keras has no gradient for {row.keras_path} ({row.torch_name})")
-        actual.append(wc.mapping.from_keras_layout(grad, row.rule))
         expected.append(params[row.torch_name].grad.double().cpu().numpy())
+        if grad is None:  # the variable does not take part in Keras' loss: a failing row, all NaN
+            actual.append(np.full(expected[-1].shape, np.nan))
+            labels.append(f"d/d {row.torch_name} (Keras has no gradient for {row.keras_path})")
+            continue
+        actual.append(wc.mapping.from_keras_layout(grad, row.rule))
         labels.append(f"d/d {row.torch_name}")
-    rows = _rows(component, labels, actual, expected, dtype, "grad", "torch", where)
+    rows = _rows(component, labels, actual, expected, dtype, "grad", "torch", where, "gradients")
     buffers = dict(torch_model.named_buffers())
     k_state = wc.from_keras(keras_model, spec)
     stats = [k for k in buffers if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     rows += _rows(component, [f"{k} after 1 step" for k in stats], [k_state[k] for k in stats],
-                  [buffers[k].double().cpu().numpy() for k in stats], dtype, "layer", "torch", where)
+                  [buffers[k].double().cpu().numpy() for k in stats], dtype, "layer", "torch", where,
+                  "BatchNorm statistics")
     return rows
 
 
 def run_component(component, spec=None, size=None, batch=2, seed=0, dtype="float32", device="cpu",
-                  gradients=True, neutral=None, keras_neutral=None):
-    """All rows for one component: forward in ``dtype``, then gradients.
+                  gradients=True, neutral=None, keras_neutral=None, float64=True):
+    """All rows for one component (see :func:`parity_tests.session.check_component`, which also traces)."""
+    from parity_tests.session import check_component
 
-    Gradients are compared in float32 for the attention layers and in
-    float64 for a whole DANet, whose float32 gradients are ill-conditioned
-    (see :mod:`weights_convert.tolerances`).
-    """
-    default_spec, default_size = COMPONENTS.get(component, (None, (9, 11)))
-    spec = spec or default_spec
-    size = size or default_size
-    with exact_numerics():
-        torch_model, keras_model = make_pair(spec, seed, device, dtype, neutral, keras_neutral)
-        x = make_input(spec, size, batch, seed)
-        rows = forward_rows(component, spec, torch_model, keras_model, x, dtype, device, neutral)
-        if gradients:
-            grad_dtype = "float64" if spec.kind == "danet" or dtype == "float64" else "float32"
-            if grad_dtype != dtype:
-                torch_model, keras_model = make_pair(spec, seed, device, grad_dtype, neutral, keras_neutral)
-            rows += gradient_rows(component, spec, torch_model, keras_model, x, device, seed + 1, grad_dtype)
-    return rows
+    result = check_component(component, spec=spec, size=size, batch=batch, seed=seed, dtype=dtype, device=device,
+                             gradients=gradients, neutral=neutral, keras_neutral=keras_neutral, float64=float64,
+                             trace=False, trace_on_failure=False, raise_errors=True)
+    return result.rows

@@ -56,6 +56,7 @@ class DualAttention(nn.Module):
                                  f"in_channels={in_channels}; pass `inter_channels` explicitly.")
         check_positive_int("inter_channels", inter_channels)
         self.in_channels, self.out_channels, self.inter_channels = in_channels, out_channels, inter_channels
+        self.reduction = reduction
         self.conv5a = conv_bn_relu(in_channels, inter_channels, norm_layer)
         self.conv5c = conv_bn_relu(in_channels, inter_channels, norm_layer)
         self.sa = PositionAttention(inter_channels, reduction=reduction, fused=fused)
@@ -96,7 +97,7 @@ class DANetHead(DualAttention):
         inter = in_channels // 4
         super().__init__(in_channels, out_channels=inter, inter_channels=inter, reduction=reduction,
                          norm_layer=norm_layer, fused=fused)
-        self.num_classes = num_classes
+        self.num_classes, self.dropout = num_classes, float(dropout)
         self.conv6 = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(inter, num_classes, 1))
         self.conv7 = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(inter, num_classes, 1))
         self.conv8 = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(inter, num_classes, 1))

@@ -129,3 +129,12 @@ def test_bad_records_are_named(record, match):
 def test_numpy_integers_are_accepted():
     spec = wc.ArchSpec("head", in_channels=np.int64(32), num_classes=np.int32(3))
     assert spec == wc.ArchSpec("head", in_channels=32, num_classes=3) and type(spec.in_channels) is int
+
+
+@pytest.mark.parametrize("spec", [HIDDEN.replace(in_channels=1), wc.ArchSpec("head", in_channels=32, num_classes=3,
+                                                                               reduction=4, dropout=0.2),
+                                  wc.ArchSpec("dual_attention", in_channels=32, out_channels=8),
+                                  wc.ArchSpec("pam", in_channels=16, reduction=2), wc.ArchSpec("cam", in_channels=16)],
+                         ids=["danet", "head", "dual", "pam", "cam"])
+def test_a_built_torch_model_gives_its_record_back(spec):
+    assert wc.frameworks.spec_from_torch(spec.build_torch()) == spec.replace(data_format="channels_last")

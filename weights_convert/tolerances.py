@@ -18,12 +18,13 @@ Scopes:
     key-conv bias cannot change a softmax over keys, so its gradient is pure
     rounding noise (1.4e-5 measured) in both frameworks.
 
-Why float32 ``layer`` allows 1e-4: neither PAM nor CAM scales its energy
+Why float32 ``layer`` allows 3e-4: neither PAM nor CAM scales its energy
 (the official math), so the energies are unscaled sums over C/8 or N
 products. At 45x45 (N = 2025) CAM's energies reach ~2e3, float32 rounds
-them by ~1e-4, and the softmax carries that into the output. The table
-states what float32 can give, and the tests use random, non-zero-gamma
-inputs at such sizes.
+them by ~1e-4, and the softmax carries that into the output: 2.0e-4 against
+the float64 reference, in torch and Keras alike (an atol of 1e-4 passed
+only for some seeds). The table states what float32 can give at the sizes
+compared, and the tests use random, non-zero-gamma inputs at such sizes.
 
 What each entry is measured to need (:data:`MEASURED`, printed beside the
 table): the worst, over every Keras backend, seed and component, of the
@@ -32,11 +33,9 @@ normwise error ``||a - b|| / ||b||`` and of ``max |a - b|``, with random
 weights at the suite's sizes (:data:`MEASURED_BY` says how). An entry more
 than 10x above what is reached (worst headroom below 0.1) is to be
 tightened. None is, in float32: ``layer`` serves both Keras against torch
-(worst headroom 0.062, CAM at 9x11) and either framework against the
-float64 reference, where float32 CAM at 45x45 reaches headroom 1.48
-(max |diff| 2.0e-4 for seeds 1 and 2, torch and Keras alike; the suite's
-45x45 CAM tests use seeds inside the tolerance); ``model`` reaches 0.71
-and ``grad`` 0.25. The float64 entries are 2500x or more above what the
+(CAM at 9x11) and either framework against the float64 reference, where
+float32 CAM at 45x45 reaches max |diff| 2.0e-4 (headroom 1.48 under the
+earlier atol of 1e-4, hence 3e-4); ``model`` reaches 0.71 and ``grad`` 0.25. The float64 entries are 2500x or more above what the
 parity comparisons reach, but they also bound float64 against the
 reference for inputs up to 100 (the hostile-input tests) and DANet-101
 at 97x129, which this measurement does not cover.
@@ -73,7 +72,7 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("float64", "layer"): Tolerance(atol=1e-10, rtol=1e-9),
     ("float64", "model"): Tolerance(atol=1e-9, rtol=1e-8),
     ("float64", "grad"): Tolerance(atol=1e-9, rtol=1e-9, relative_to="tensor"),
-    ("float32", "layer"): Tolerance(atol=1e-4, rtol=1e-4),
+    ("float32", "layer"): Tolerance(atol=3e-4, rtol=1e-4),
     ("float32", "model"): Tolerance(atol=1e-4, rtol=1e-3),
     ("float32", "grad"): Tolerance(atol=1e-4, rtol=1e-4, relative_to="tensor"),
     ("float16", "layer"): Tolerance(atol=2e-2, rtol=2e-2),

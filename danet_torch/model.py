@@ -33,7 +33,8 @@ class DANet(nn.Module):
         multi_grid: layer4 dilations, or ``None`` for the plain dilated rule.
         norm_layer: Normalisation constructor.
         dropout: Dropout2d rate before each classifier.
-        fused: PAM's path (see :class:`~danet_torch.PositionAttention`).
+        pam_path: PAM's path, ``"auto"``, ``"official"`` or ``"efficient"``
+            (see :class:`~danet_torch.PositionAttention`).
 
     Returns:
         ``(fused, pam, cam)`` logits, each ``(B, num_classes, H, W)`` at the
@@ -42,7 +43,7 @@ class DANet(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "resnet101", output_stride: int = 8,
                  deep_stem: bool = False, multi_grid: Sequence[int] | None = (4, 8, 16),
-                 norm_layer=nn.BatchNorm2d, dropout: float = 0.1, fused: bool | None = None):
+                 norm_layer=nn.BatchNorm2d, dropout: float = 0.1, pam_path: str = "auto"):
         super().__init__()
         check_positive_int("num_classes", num_classes)
         if backbone not in BACKBONES:
@@ -50,7 +51,7 @@ class DANet(nn.Module):
         self.num_classes, self.backbone = num_classes, backbone
         self.pretrained = DilatedResNet(BACKBONES[backbone], output_stride=output_stride, deep_stem=deep_stem,
                                         multi_grid=multi_grid, norm_layer=norm_layer)
-        self.head = DANetHead(2048, num_classes, norm_layer=norm_layer, dropout=dropout, fused=fused)
+        self.head = DANetHead(2048, num_classes, norm_layer=norm_layer, dropout=dropout, pam_path=pam_path)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         check_input(x, 3, type(self).__name__)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.keras
 
 CASES = [
     (dk.PositionAttention, {}, 16, 16),
-    (dk.PositionAttention, {"reduction": 4, "fused": True}, 16, 16),
+    (dk.PositionAttention, {"reduction": 4, "pam_path": "efficient"}, 16, 16),
     (dk.ChannelAttention, {}, 16, 16),
     (dk.DualAttention, {}, 32, 32),
     (dk.DualAttention, {"out_channels": 8, "inter_channels": 16, "reduction": 2}, 32, 8),

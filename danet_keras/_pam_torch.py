@@ -1,0 +1,100 @@
+"""The efficient PAM's blocks on Keras' torch backend: a ``torch.autograd.Function``.
+
+Imported only when Keras runs on torch (:func:`danet_keras.pam.position_attention_blocks`
+dispatches here). The math is that of the ``keras.ops`` implementation in
+:mod:`danet_keras.pam` (and of ``danet_torch.pam``, on ``(B, N, C)`` tokens):
+torch runs ``keras.ops`` one eager op at a time with no in-place form, so
+every step of every block allocates a fresh ``(B, rows, N)`` tile and every
+``dV``/``dK`` sum a fresh ``(B, N, C)`` tensor; glibc's heap, holding those
+tiles between the blocks' small outputs, then grows resident memory far
+beyond one block (``benchmarks/pam_benchmark.py``). Here one energy buffer
+(forward) and two (backward) are reused, and the sums accumulate in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["position_attention_blocks_torch"]
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b``, accumulated in ``acc``'s dtype."""
+    if acc.dtype == a.dtype:
+        acc.baddbmm_(a, b)
+    else:
+        acc.add_(torch.bmm(a, b))
+
+
+def _forward(q, k, v, rows: int):
+    """``(out (B, N, C), lse (B, N))``: q, k ``(B, N, C')``, v ``(B, N, C)``."""
+    b, n, _ = q.shape
+    stat = _stat_dtype(q.dtype)
+    qs, kts = q.to(stat), k.to(stat).transpose(1, 2)  # (B, N, C'), (B, C', N)
+    out = v.new_empty(b, n, v.shape[-1])
+    lse = torch.empty(b, n, dtype=stat, device=q.device)
+    buffer = torch.empty(b * rows * n, dtype=stat, device=q.device)
+    for start in range(0, n, rows):
+        r = min(rows, n - start)
+        e = torch.bmm(qs[:, start:start + r], kts, out=buffer[: b * r * n].view(b, r, n))  # (B, r, N)
+        top = e.amax(dim=-1, keepdim=True)
+        e.sub_(top).exp_()  # unnormalised probabilities, in place
+        total = e.sum(dim=-1, keepdim=True)
+        blk = torch.bmm(e.to(v.dtype), v)  # (B, r, C)
+        out[:, start:start + r] = blk.div_(total) if blk.dtype == stat else (blk.to(stat) / total).to(v.dtype)
+        lse[:, start:start + r] = (top + total.log()).squeeze(-1)
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, dout, rows: int):
+    """``(dq, dk, dv)``; ``-lse`` and ``-rowsum(dO * O)`` ride as an extra column against ones."""
+    b, n, ck = q.shape
+    stat, dtype = _stat_dtype(q.dtype), q.dtype
+    dout = dout.to(dtype)
+    delta = (dout.to(stat) * out.to(stat)).sum(dim=-1, keepdim=True)  # (B, N, 1)
+    ones = torch.ones(b, n, 1, dtype=stat, device=q.device)
+    qa = torch.cat([q.to(stat), -lse.unsqueeze(-1)], dim=-1)  # (B, N, C' + 1)
+    kat = torch.cat([k.to(stat), ones], dim=-1).transpose(1, 2)  # (B, C' + 1, N)
+    doa = torch.cat([dout, (-delta).to(dtype)], dim=-1)  # (B, N, C + 1)
+    vat = torch.cat([v, ones.to(dtype)], dim=-1).transpose(1, 2)  # (B, C + 1, N)
+    dq = q.new_empty(b, n, ck)
+    dk = torch.zeros(b, n, ck, dtype=stat, device=q.device)
+    dv = torch.zeros(b, n, v.shape[-1], dtype=stat, device=q.device)
+    buffers = [torch.empty(b * rows * n, dtype=stat, device=q.device) for _ in range(2)]  # P, dS
+    for start in range(0, n, rows):
+        r = min(rows, n - start)
+        p = torch.bmm(qa[:, start:start + r], kat, out=buffers[0][: b * r * n].view(b, r, n)).exp_()  # (B, r, N)
+        _add_bmm(dv, p.to(dtype).transpose(1, 2), dout[:, start:start + r])  # dV += P^T dO
+        if dtype == stat:
+            ds = torch.bmm(doa[:, start:start + r], vat, out=buffers[1][: b * r * n].view(b, r, n)).mul_(p)
+        else:
+            ds = (torch.bmm(doa[:, start:start + r], vat).to(stat) * p).to(dtype)
+        torch.bmm(ds, k, out=dq[:, start:start + r])  # dQ = dS K
+        _add_bmm(dk, ds.transpose(1, 2), q[:, start:start + r])  # dK += dS^T Q
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _Blocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rows):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out, lse = _forward(q, k, v, rows)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return (*_backward(q, k, v, out, lse, dout, ctx.rows), None)
+
+
+def position_attention_blocks_torch(q, k, v, rows: int):
+    """Blocks of ``rows`` queries: ``(B, N, C'), (B, N, C'), (B, N, C) -> (B, N, C)``."""
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return _Blocks.apply(q.to(dtype), k.to(dtype), v.to(dtype), int(rows))

@@ -10,8 +10,9 @@ tracing and compiling included), then:
   before it. CPU: resident memory (``VmHWM`` after ``/proc/self/clear_refs``
   and ``malloc_trim``, less ``VmRSS``), except Keras on TensorFlow, whose
   allocator keeps freed memory: its own peak bytes in use
-  (``tf.config.experimental.get_memory_info``). CUDA (torch):
-  ``torch.cuda.max_memory_allocated``.
+  (``tf.config.experimental.get_memory_info``). GPU: ``torch.cuda.max_memory_allocated``
+  (torch, Keras on torch), JAX's ``peak_bytes_in_use``, TensorFlow's
+  ``get_memory_info("GPU:0")``.
 * time: the median of ``--calls`` further calls.
 
 "fwd+bwd" is the loss ``sum(y * y)`` and its gradients for the input and every
@@ -29,72 +30,14 @@ Prints a Markdown table (``--json FILE`` also writes the rows).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 
-__all__ = ["CpuMemory", "TensorFlowMemory", "run_pairs", "machine", "main"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import CpuMemory, TorchCudaMemory, keras_memory, machine, run_pairs, time_calls  # noqa: E402
 
-PATHS = ("official", "efficient")
-
-
-class CpuMemory:
-    """Peak resident memory (MiB) of this process above the memory in use at :meth:`reset`."""
-
-    @staticmethod
-    def _status(key: str) -> float:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024.0
-        raise RuntimeError(f"/proc/self/status has no {key}")
-
-    def reset(self) -> None:
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS is what is live
-        except OSError:
-            pass
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # reset VmHWM to VmRSS
-        self.base = self._status("VmRSS")
-
-    def peak(self) -> float:
-        return self._status("VmHWM") - self.base
-
-
-class TensorFlowMemory:
-    """Peak bytes (MiB) in use by TensorFlow's CPU allocator above those in use at :meth:`reset`.
-
-    TensorFlow keeps freed memory in its allocator's pool, so resident memory
-    does not fall after the warm-up call; its own statistics are exact.
-    """
-
-    def reset(self) -> None:
-        import tensorflow as tf
-
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        self.base = tf.config.experimental.get_memory_info("CPU:0")["current"] / 2**20
-
-    def peak(self) -> float:
-        import tensorflow as tf
-
-        return tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20 - self.base
-
-
-def _time_calls(run, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+__all__ = ["main"]
 
 
 def _torch_case(args) -> dict:
@@ -126,17 +69,11 @@ def _torch_case(args) -> dict:
             torch.cuda.synchronize()
 
     run()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        memory = CpuMemory()
-        memory.reset()
-        run()
-        peak = memory.peak()
-    return {"ms": _time_calls(run, args.calls), "peak_mib": peak, "versions": f"torch {torch.__version__}"}
+    memory = TorchCudaMemory() if device.type == "cuda" else CpuMemory()
+    memory.reset()
+    run()
+    peak = memory.peak()
+    return {"ms": time_calls(run, args.calls), "peak_mib": peak, "versions": f"torch {torch.__version__}"}
 
 
 def _keras_step(layer, backward: bool):
@@ -210,59 +147,22 @@ def _keras_case(args) -> dict:
 
     def run():
         out = step(x)
-        keras.tree.map_structure(lambda t: keras.ops.convert_to_numpy(keras.ops.sum(t)), out)
+        keras.tree.map_structure(lambda t: keras.ops.convert_to_numpy(keras.ops.sum(t)), out)  # waits for it
 
     run()
-    memory = TensorFlowMemory() if keras.backend.backend() == "tensorflow" else CpuMemory()
+    memory = keras_memory()
     memory.reset()
     run()
     peak = memory.peak()
-    return {"ms": _time_calls(run, args.calls), "peak_mib": peak,
+    return {"ms": time_calls(run, args.calls), "peak_mib": peak,
             "versions": f"keras {keras.__version__} ({keras.backend.backend()})"}
-
-
-def run_pairs(script: str, case_args: list[str], repeats: int) -> dict:
-    """Run ``script --one-case PATH ...`` in fresh processes, official and efficient alternating.
-
-    Returns ``{path: {"ms", "peak_mib", "versions"}}`` with medians over ``repeats``.
-    """
-    results = {p: [] for p in PATHS}
-    errors, versions = {}, ""
-    for rep in range(repeats):
-        for path in (PATHS if rep % 2 == 0 else PATHS[::-1]):
-            proc = subprocess.run([sys.executable, script, "--one-case", path] + case_args,
-                                  capture_output=True, text=True)
-            line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
-            if proc.returncode or not line:
-                errors[path] = ((proc.stderr.strip().splitlines() or ["failed"])[-1])[:100]
-                continue
-            row = json.loads(line[0][7:])
-            versions = row.pop("versions")
-            results[path].append(row)
-            print(f"# {path} {case_args}: {row}", file=sys.stderr, flush=True)
-    out = {"versions": versions}
-    for path in PATHS:
-        rows = results[path]
-        out[path] = {"ms": statistics.median(r["ms"] for r in rows) if rows else float("nan"),
-                     "peak_mib": statistics.median(r["peak_mib"] for r in rows) if rows else float("nan"),
-                     "error": errors.get(path, "")}
-    return out
-
-
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {platform.machine()}, {os.cpu_count()} CPUs"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--framework", choices=["torch", "keras"], default="torch")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="torch only; Keras uses its default")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="torch only; Keras runs on its backend's default device (a GPU when there is one)")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 96], help="H = W of the feature map")
     p.add_argument("--dtypes", nargs="+", default=["float32"])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])

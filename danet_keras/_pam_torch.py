@@ -51,31 +51,28 @@ def _forward(q, k, v, rows: int):
 
 
 def _backward(q, k, v, out, lse, dout, rows: int):
-    """``(dq, dk, dv)``; ``-lse`` and ``-rowsum(dO * O)`` ride as an extra column against ones."""
+    """``(dq, dk, dv)``, one block of ``rows`` keys at a time (as :mod:`danet_keras.pam`)."""
     b, n, ck = q.shape
     stat, dtype = _stat_dtype(q.dtype), q.dtype
     dout = dout.to(dtype)
-    delta = (dout.to(stat) * out.to(stat)).sum(dim=-1, keepdim=True)  # (B, N, 1)
-    ones = torch.ones(b, n, 1, dtype=stat, device=q.device)
+    delta = (dout.to(stat) * out.to(stat)).sum(dim=-1, keepdim=True)  # rowsum(dO * O), (B, N, 1)
     qa = torch.cat([q.to(stat), -lse.unsqueeze(-1)], dim=-1)  # (B, N, C' + 1)
-    kat = torch.cat([k.to(stat), ones], dim=-1).transpose(1, 2)  # (B, C' + 1, N)
-    doa = torch.cat([dout, (-delta).to(dtype)], dim=-1)  # (B, N, C + 1)
-    vat = torch.cat([v, ones.to(dtype)], dim=-1).transpose(1, 2)  # (B, C + 1, N)
-    dq = q.new_empty(b, n, ck)
-    dk = torch.zeros(b, n, ck, dtype=stat, device=q.device)
-    dv = torch.zeros(b, n, v.shape[-1], dtype=stat, device=q.device)
-    buffers = [torch.empty(b * rows * n, dtype=stat, device=q.device) for _ in range(2)]  # P, dS
+    kat = torch.cat([k.to(stat), torch.ones(b, n, 1, dtype=stat, device=q.device)], dim=-1).transpose(1, 2)
+    dq = torch.zeros(b, n, ck, dtype=stat, device=q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    buffers = [torch.empty(b * n * rows, dtype=stat, device=q.device) for _ in range(2)]  # P, dS
     for start in range(0, n, rows):
         r = min(rows, n - start)
-        p = torch.bmm(qa[:, start:start + r], kat, out=buffers[0][: b * r * n].view(b, r, n)).exp_()  # (B, r, N)
-        _add_bmm(dv, p.to(dtype).transpose(1, 2), dout[:, start:start + r])  # dV += P^T dO
-        if dtype == stat:
-            ds = torch.bmm(doa[:, start:start + r], vat, out=buffers[1][: b * r * n].view(b, r, n)).mul_(p)
+        p = torch.bmm(qa, kat[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r)).exp_()  # (B, N, r)
+        dv[:, start:start + r] = torch.bmm(p.to(dtype).transpose(1, 2), dout)  # dV_j = P_j^T dO
+        vbt = v[:, start:start + r].transpose(1, 2)  # (B, C, r)
+        if dtype == stat:  # dS = P * (dO V^T - delta), in place
+            ds = torch.bmm(dout, vbt, out=buffers[1][: b * n * r].view(b, n, r)).sub_(delta).mul_(p)
         else:
-            ds = (torch.bmm(doa[:, start:start + r], vat).to(stat) * p).to(dtype)
-        torch.bmm(ds, k, out=dq[:, start:start + r])  # dQ = dS K
-        _add_bmm(dk, ds.transpose(1, 2), q[:, start:start + r])  # dK += dS^T Q
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+            ds = ((torch.bmm(dout, vbt).to(stat) - delta) * p).to(dtype)
+        dk[:, start:start + r] = torch.bmm(ds.transpose(1, 2), q)  # dK_j = dS_j^T Q
+        _add_bmm(dq, ds, k[:, start:start + r])  # dQ += dS_j K_j
+    return dq.to(q.dtype), dk, dv
 
 
 class _Blocks(torch.autograd.Function):

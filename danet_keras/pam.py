@@ -156,73 +156,82 @@ def _merge(x, n):
     return x if isinstance(n, int) and x.shape[1] == n else x[:, :n]
 
 
-def _fori_loop(upper, body, init):
-    """``keras.ops.fori_loop(0, upper, body, init)``, one iteration at a time on every backend.
+def _scan(step, carry, xs, ys_dtypes):
+    """``keras.ops.scan(step, carry, xs)`` over the leading axis of the tensors in ``xs`` (a tuple).
 
-    TensorFlow graphs run up to 10 iterations of ``tf.while_loop`` at once by
-    default, each with its own attention tiles; ``parallel_iterations=1``
-    keeps one block live, as on JAX and torch.
+    ``step(carry, x) -> (carry, ys)``, one block at a time. On TensorFlow a
+    ``tf.while_loop`` with ``parallel_iterations=1`` (a graph would otherwise
+    run up to 10 iterations at once, each with its own attention tiles) and a
+    ``TensorArray`` per output (Keras 3.15's TensorFlow ``scan`` gives its
+    outputs the carry's shapes and dtypes).
     """
     if keras.backend.backend() != "tensorflow":
-        return ops.fori_loop(0, upper, body, init)
+        return ops.scan(step, carry, xs)
     import tensorflow as tf
 
-    return tf.while_loop(lambda i, _: i < upper, lambda i, carry: (i + 1, body(i, carry)), (0, init),
-                         parallel_iterations=1)[1]
+    n = tf.shape(xs[0])[0]
+    arrays = tuple(tf.TensorArray(dtype, size=n) for dtype in ys_dtypes)
+
+    def body(i, carry, arrays):
+        carry, ys = step(carry, tuple(x[i] for x in xs))
+        return i + 1, carry, tuple(a.write(i, y) for a, y in zip(arrays, ys))
+
+    _, carry, arrays = tf.while_loop(lambda i, *_: i < n, body, (0, carry, arrays), parallel_iterations=1)
+    return carry, tuple(a.stack() for a in arrays)
 
 
-def _blocks_forward(q, k, v, blocks, rows):
-    """``(out (B, N, C), lse (B, N, 1))``, one block of ``rows`` queries at a time (``ops.scan``)."""
+def _blocks_forward(q, k, v, rows):
+    """``(out (B, N, C), lse (B, N, 1))``, one block of ``rows`` queries at a time."""
     b, n = _sizes(q)
     stat, dtype = backend_result_type(q.dtype), v.dtype
     ks = ops.cast(k, stat)
 
-    def step(_, qb):  # qb (B, rows, C')
-        energy = ops.einsum("brc,bnc->brn", qb, ks)  # (B, rows, N), float32 (float64 stays)
-        p = ops.softmax(energy, axis=-1)
-        # log-sum-exp = max(E) + log(sum(exp(E - max))) = max(E) - log(max(P)).
-        lse = ops.max(energy, axis=-1, keepdims=True) - ops.log(ops.max(p, axis=-1, keepdims=True))
-        result = (ops.cast(ops.einsum("brn,bnc->brc", ops.cast(p, dtype), v), dtype), lse)
-        return result, result  # the carry has the outputs' structure (Keras' TensorFlow scan needs it)
+    def step(carry, x):
+        energy = ops.einsum("brc,bnc->brn", x[0], ks)  # (B, rows, N), float32 (float64 stays)
+        top = ops.max(energy, axis=-1, keepdims=True)
+        p = ops.exp(energy - top)  # unnormalised: the division happens on (rows, C), not (rows, N)
+        total = ops.sum(p, axis=-1, keepdims=True)
+        o = ops.cast(ops.einsum("brn,bnc->brc", ops.cast(p, dtype), v), stat) / total
+        return carry, (ops.cast(o, dtype), top + ops.log(total))
 
-    init = (ops.zeros((b, rows, v.shape[-1]), dtype), ops.zeros((b, rows, 1), stat))
-    _, (out, lse) = ops.scan(step, init, _split(ops.cast(q, stat), blocks, rows))
+    blocks = (n + rows - 1) // rows
+    _, (out, lse) = _scan(step, ops.zeros((), stat), (_split(ops.cast(q, stat), blocks, rows),), (dtype, stat))
     return _merge(out, n), _merge(lse, n)
 
 
-def _blocks_backward(q, k, v, out, lse, dout, blocks, rows):
-    """``(dq, dk, dv)`` recomputed one block at a time from ``(q, k, v, out, lse)``.
+def _blocks_backward(q, k, v, out, lse, dout, rows):
+    """``(dq, dk, dv)`` recomputed from ``(q, k, v, out, lse)``, one block of ``rows`` keys at a time.
 
-    ``P = exp(Q K^T - lse)`` and ``dO V^T - rowsum(dO * O)`` are each one
-    matmul: ``-lse`` and ``-rowsum(dO * O)`` ride as an extra column of Q and
-    dO against a column of ones appended to K and V.
+    Blocks of keys make ``dV_j = P_j^T dO`` and ``dK_j = dS_j^T Q`` sums over
+    all ``N`` queries (one large product each) and leave only the narrow
+    ``dQ`` (``C'`` columns) to accumulate. ``P = exp(Q K^T - lse)`` and
+    ``dO V^T - rowsum(dO * O)`` are each one matmul: ``-lse`` and
+    ``-rowsum(dO * O)`` ride as an extra column of Q and dO against a column
+    of ones appended to K and V (zero on the keys appended to fill the last
+    block, which therefore add nothing to ``dQ``).
     """
     b, n = _sizes(q)
     stat, dtype = backend_result_type(q.dtype), q.dtype
     dout = ops.cast(dout, dtype)
     delta = ops.sum(ops.cast(dout, stat) * ops.cast(out, stat), axis=-1, keepdims=True)  # rowsum(dO * O)
     ones = ops.ones((b, n, 1), stat)
-    ka = ops.concatenate([ops.cast(k, stat), ones], axis=-1)  # (B, N, C' + 1)
-    va = ops.concatenate([v, ops.cast(ones, dtype)], axis=-1)  # (B, N, C + 1)
-    qa4 = _split(ops.concatenate([ops.cast(q, stat), -lse], axis=-1), blocks, rows)
-    doa4 = _split(ops.concatenate([dout, ops.cast(-delta, dtype)], axis=-1), blocks, rows)
-    q4 = _split(q, blocks, rows)
-    c = v.shape[-1]
+    qa = ops.concatenate([ops.cast(q, stat), -lse], axis=-1)  # (B, N, C' + 1)
+    doa = ops.concatenate([dout, ops.cast(-delta, dtype)], axis=-1)  # (B, N, C + 1)
+    blocks = (n + rows - 1) // rows
+    xs = (_split(ops.concatenate([ops.cast(k, stat), ones], axis=-1), blocks, rows),  # (blocks, B, rows, C' + 1)
+          _split(ops.concatenate([v, ops.cast(ones, dtype)], axis=-1), blocks, rows),  # (blocks, B, rows, C + 1)
+          _split(k, blocks, rows))
 
-    def body(i, carry):
-        dq4, dk, dv = carry
-        qb, doa = q4[i], doa4[i]  # (B, rows, C'), (B, rows, C + 1)
-        p = ops.exp(ops.einsum("brc,bnc->brn", qa4[i], ka))  # (B, rows, N)
-        dv = dv + ops.cast(ops.einsum("brn,brc->bnc", ops.cast(p, dtype), doa[..., :c]), stat)  # P^T dO
-        ds = ops.cast(p * ops.cast(ops.einsum("brc,bnc->brn", doa, va), stat), dtype)  # P (dO V^T - delta)
-        dk = dk + ops.cast(ops.einsum("brn,brc->bnc", ds, qb), stat)  # dS^T Q
-        dq4 = ops.slice_update(dq4, [i, 0, 0, 0], ops.expand_dims(ops.einsum("brn,bnc->brc", ds, k), 0))
-        return dq4, dk, dv
+    def step(dq, x):
+        ka, va, kb = x
+        p = ops.exp(ops.einsum("bnc,bjc->bnj", qa, ka))  # (B, N, rows)
+        dv = ops.einsum("bnj,bnc->bjc", ops.cast(p, dtype), dout)  # P^T dO
+        ds = ops.cast(p * ops.cast(ops.einsum("bnc,bjc->bnj", doa, va), stat), dtype)  # P (dO V^T - delta)
+        dk = ops.einsum("bnj,bnc->bjc", ds, q)  # dS^T Q
+        return dq + ops.cast(ops.einsum("bnj,bjc->bnc", ds, kb), stat), (dk, dv)  # dQ += dS K
 
-    init = (ops.zeros((blocks, b, rows, q.shape[-1]), dtype), ops.zeros((b, n, k.shape[-1]), stat),
-            ops.zeros((b, n, c), stat))
-    dq4, dk, dv = _fori_loop(blocks, body, init)
-    return _merge(dq4, n), ops.cast(dk, k.dtype), ops.cast(dv, v.dtype)
+    dq, (dk, dv) = _scan(step, ops.zeros((b, n, q.shape[-1]), stat), xs, (k.dtype, v.dtype))
+    return ops.cast(dq, q.dtype), _merge(dk, n), _merge(dv, n)
 
 
 def position_attention_blocks(q, k, v, rows=None):
@@ -244,17 +253,16 @@ def position_attention_blocks(q, k, v, rows=None):
         from ._pam_torch import position_attention_blocks_torch
 
         return position_attention_blocks_torch(*(ops.convert_to_tensor(t) for t in (q, k, v)), rows)
-    blocks = (n + rows - 1) // rows
 
     @ops.custom_gradient
     def attend(q, k, v):
-        out, lse = _blocks_forward(q, k, v, blocks, rows)
+        out, lse = _blocks_forward(q, k, v, rows)
         saved = ops.stop_gradient(out)  # torch backend: no reference cycle through the output
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            return _blocks_backward(q, k, v, saved, lse, upstream, blocks, rows)
+            return _blocks_backward(q, k, v, saved, lse, upstream, rows)
 
         return out, grad
 

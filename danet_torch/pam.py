@@ -13,9 +13,10 @@ it; :class:`~danet_torch.PositionAttention` takes ``path=``:
     output; the backward pass (a :class:`torch.autograd.Function`)
     recomputes each block's attention from them and accumulates
     ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``,
-    ``dK = dS^T Q`` block by block (flash attention's backward). A block
-    has ``B * rows * N <= BLOCK_ELEMENTS`` attention elements; the backward
-    pass holds one block's ``P`` and ``dS``. In float16/bfloat16, energies,
+    ``dK = dS^T Q`` (flash attention's backward), the forward pass over
+    blocks of queries, the backward pass over blocks of keys. A block has
+    ``B * rows * N <= BLOCK_ELEMENTS`` attention elements; the backward pass
+    holds one block's ``P`` and ``dS``. In float16/bfloat16, energies,
     softmax statistics and gradient sums are float32; the products with V
     and dO run in the input dtype.
   - CUDA, float16/bfloat16: ``scaled_dot_product_attention(scale=1.0)``
@@ -143,38 +144,37 @@ def _blocks_forward(q, k, v, rows: int):
 
 
 def _blocks_backward(q, k, v, out, lse, dout, rows: int):
-    """``(dq, dk, dv)`` from the saved ``(q, k, v, out, lse)``, block by block.
+    """``(dq, dk, dv)`` from the saved ``(q, k, v, out, lse)``, one block of ``rows`` keys at a time.
 
-    ``P = exp(Q^T K - lse)`` and ``dO V^T - rowsum(dO * O)`` are each one
-    matmul: ``-lse`` and ``-rowsum(dO * O)`` ride as an extra column of Q and
-    dO against a row of ones appended to K and V.
+    Blocks of keys make ``dV_j = P_j^T dO`` and ``dK_j = dS_j^T Q`` products
+    over all ``N`` queries, written once, and leave only the narrow ``dQ``
+    (``C'`` rows) to accumulate. ``P = exp(Q^T K - lse)`` is one matmul
+    (``-lse`` rides as an extra column of Q against a row of ones appended to
+    K) and an in-place ``exp``.
     """
     b, ck, n = q.shape
     stat, dtype = _stat_dtype(q.dtype), q.dtype
     dot = dout.transpose(1, 2).to(dtype)  # (B, N, C)
     delta = (dot.to(stat) * out.transpose(1, 2).to(stat)).sum(dim=-1, keepdim=True)  # rowsum(dO * O)
-    ones = torch.ones(b, 1, n, dtype=stat, device=q.device)
     qa = torch.cat([q.transpose(1, 2).to(stat), -lse.unsqueeze(-1)], dim=-1)  # (B, N, C' + 1)
-    ka = torch.cat([k.to(stat), ones], dim=1)  # (B, C' + 1, N)
-    doa = torch.cat([dot, (-delta).to(dtype)], dim=-1)  # (B, N, C + 1)
-    va = torch.cat([v, ones.to(dtype)], dim=1)  # (B, C + 1, N)
+    ka = torch.cat([k.to(stat), torch.ones(b, 1, n, dtype=stat, device=q.device)], dim=1)  # (B, C' + 1, N)
     qt, kt = q.transpose(1, 2), k.transpose(1, 2)  # (B, N, C')
-    dq = q.new_empty(b, n, ck)
-    dk = torch.zeros(b, ck, n, dtype=stat, device=q.device)
-    dv = torch.zeros(b, n, v.shape[1], dtype=stat, device=q.device)
-    buffers = [torch.empty(b * rows * n, dtype=stat, device=q.device) for _ in range(2)]  # P, dS
+    dq = torch.zeros(b, n, ck, dtype=stat, device=q.device)
+    dk, dv = k.new_empty(b, n, ck), v.new_empty(b, n, v.shape[1])
+    buffers = [torch.empty(b * n * rows, dtype=stat, device=q.device) for _ in range(2)]  # P, dS
     for start in range(0, n, rows):
         r = min(rows, n - start)
-        p = torch.bmm(qa[:, start:start + r], ka, out=buffers[0][: b * r * n].view(b, r, n)).exp_()  # (B, r, N)
+        p = torch.bmm(qa, ka[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r)).exp_()  # (B, N, r)
         pm = p.to(dtype)
-        _add_bmm(dv, pm.transpose(1, 2), dot[:, start:start + r])  # dV += P^T dO
-        if dtype == stat:
-            ds = torch.bmm(doa[:, start:start + r], va, out=buffers[1][: b * r * n].view(b, r, n)).mul_(p)
+        dv[:, start:start + r] = torch.bmm(pm.transpose(1, 2), dot)  # dV_j = P_j^T dO
+        if dtype == stat:  # dS = P * (dO V^T - delta), in place
+            ds = torch.bmm(dot, v[:, :, start:start + r], out=buffers[1][: b * n * r].view(b, n, r))
+            ds = ds.sub_(delta).mul_(p)
         else:
-            ds = (torch.bmm(doa[:, start:start + r], va).to(stat) * p).to(dtype)
-        torch.bmm(ds, kt, out=dq[:, start:start + r])  # dQ = dS K
-        _add_bmm(dk, qt[:, start:start + r].transpose(1, 2), ds)  # dK += Q^T dS
-    return dq.transpose(1, 2), dk.to(k.dtype), dv.transpose(1, 2).to(v.dtype)
+            ds = ((torch.bmm(dot, v[:, :, start:start + r]).to(stat) - delta) * p).to(dtype)
+        dk[:, start:start + r] = torch.bmm(ds.transpose(1, 2), qt)  # dK_j = dS_j^T Q
+        _add_bmm(dq, ds, kt[:, start:start + r])  # dQ += dS_j K_j
+    return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 class _PositionAttentionBlocks(torch.autograd.Function):

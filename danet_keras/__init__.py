@@ -5,6 +5,7 @@ from .backbone import Bottleneck, DilatedResNet, resnet50, resnet101
 from .head import DANetHead, DualAttention
 from .layers import BatchNorm, Conv2d, MaxPool2d, resize_bilinear_align_corners
 from .model import DANet
+from . import pam
 
 __all__ = [
     "PositionAttention",
@@ -22,4 +23,5 @@ __all__ = [
     "BatchNorm",
     "MaxPool2d",
     "resize_bilinear_align_corners",
+    "pam",
 ]

@@ -31,22 +31,25 @@ def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _forward(q, k, v, rows: int):
-    """``(out (B, N, C), lse (B, N))``: q, k ``(B, N, C')``, v ``(B, N, C)``."""
+    """``(out (B, N, C), lse (B, N, 1))``: q, k ``(B, N, C')``, v ``(B, N, C)``, blocks of ``rows`` queries."""
     b, n, _ = q.shape
     stat = _stat_dtype(q.dtype)
     qs, kts = q.to(stat), k.to(stat).transpose(1, 2)  # (B, N, C'), (B, C', N)
     out = v.new_empty(b, n, v.shape[-1])
-    lse = torch.empty(b, n, dtype=stat, device=q.device)
+    lse = torch.empty(b, n, 1, dtype=stat, device=q.device)
     buffer = torch.empty(b * rows * n, dtype=stat, device=q.device)
     for start in range(0, n, rows):
         r = min(rows, n - start)
         e = torch.bmm(qs[:, start:start + r], kts, out=buffer[: b * r * n].view(b, r, n))  # (B, r, N)
         top = e.amax(dim=-1, keepdim=True)
-        e.sub_(top).exp_()  # unnormalised probabilities, in place
-        total = e.sum(dim=-1, keepdim=True)
-        blk = torch.bmm(e.to(v.dtype), v)  # (B, r, C)
-        out[:, start:start + r] = blk.div_(total) if blk.dtype == stat else (blk.to(stat) / total).to(v.dtype)
-        lse[:, start:start + r] = (top + total.log()).squeeze(-1)
+        p = e.sub_(top).exp_()  # unnormalised probabilities, in place
+        total = p.sum(dim=-1, keepdim=True)
+        blk = out[:, start:start + r]
+        if blk.dtype == stat:  # normalise (r, C) after the product, not (r, N) before it
+            torch.bmm(p, v, out=blk).div_(total)
+        else:
+            blk.copy_(torch.bmm(p.to(v.dtype), v).to(stat).div_(total))
+        lse[:, start:start + r] = top + total.log()
     return out, lse
 
 
@@ -55,22 +58,22 @@ def _backward(q, k, v, out, lse, dout, rows: int):
     b, n, ck = q.shape
     stat, dtype = _stat_dtype(q.dtype), q.dtype
     dout = dout.to(dtype)
-    delta = (dout.to(stat) * out.to(stat)).sum(dim=-1, keepdim=True)  # rowsum(dO * O), (B, N, 1)
-    qa = torch.cat([q.to(stat), -lse.unsqueeze(-1)], dim=-1)  # (B, N, C' + 1)
-    kat = torch.cat([k.to(stat), torch.ones(b, n, 1, dtype=stat, device=q.device)], dim=-1).transpose(1, 2)
+    neg_delta = -(dout.to(stat) * out.to(stat)).sum(dim=-1, keepdim=True)  # -rowsum(dO * O), (B, N, 1)
+    qs, kts = q.to(stat), k.to(stat).transpose(1, 2)  # (B, N, C'), (B, C', N)
+    vt = v.transpose(1, 2)  # (B, C, N)
     dq = torch.zeros(b, n, ck, dtype=stat, device=q.device)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     buffers = [torch.empty(b * n * rows, dtype=stat, device=q.device) for _ in range(2)]  # P, dS
     for start in range(0, n, rows):
         r = min(rows, n - start)
-        p = torch.bmm(qa, kat[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r)).exp_()  # (B, N, r)
-        dv[:, start:start + r] = torch.bmm(p.to(dtype).transpose(1, 2), dout)  # dV_j = P_j^T dO
-        vbt = v[:, start:start + r].transpose(1, 2)  # (B, C, r)
-        if dtype == stat:  # dS = P * (dO V^T - delta), in place
-            ds = torch.bmm(dout, vbt, out=buffers[1][: b * n * r].view(b, n, r)).sub_(delta).mul_(p)
+        p = torch.baddbmm(-lse, qs, kts[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r)).exp_()
+        torch.bmm(p.to(dtype).transpose(1, 2), dout, out=dv[:, start:start + r])  # dV_j = P_j^T dO
+        vb = vt[:, :, start:start + r]  # (B, C, r)
+        if dtype == stat:  # dS_j = P_j * (dO V_j^T - delta), in place
+            ds = torch.baddbmm(neg_delta, dout, vb, out=buffers[1][: b * n * r].view(b, n, r)).mul_(p)
         else:
-            ds = ((torch.bmm(dout, vbt).to(stat) - delta) * p).to(dtype)
-        dk[:, start:start + r] = torch.bmm(ds.transpose(1, 2), q)  # dK_j = dS_j^T Q
+            ds = torch.bmm(dout, vb).to(stat).add_(neg_delta).mul_(p).to(dtype)
+        torch.bmm(ds.transpose(1, 2), q, out=dk[:, start:start + r])  # dK_j = dS_j^T Q
         _add_bmm(dq, ds, k[:, start:start + r])  # dQ += dS_j K_j
     return dq.to(q.dtype), dk, dv
 

@@ -7,16 +7,22 @@
 * ``"official"``: matmul + ``N x N`` softmax, as upstream.
 * ``"efficient"``: never builds the ``N x N`` matrix.
 
-  - Blocks of queries (any backend, any device): the forward pass keeps,
-    per query row, only the log-sum-exp of its energies besides Q, K, V and
-    the output; the backward pass (``keras.ops.custom_gradient``, one
-    implementation for TensorFlow, JAX and torch) recomputes each block's
-    attention and accumulates ``dV = P^T dO``,
+  - Blocks (any backend, any device), with a custom gradient: the forward
+    pass runs over blocks of queries and keeps, per query row, only the
+    log-sum-exp of its energies besides Q, K, V and the output; the
+    backward pass runs over blocks of keys, recomputes each block's
+    attention ``P`` from them and computes ``dV = P^T dO``,
     ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK = dS^T Q``
-    block by block. A block has ``B * rows * N <= BLOCK_ELEMENTS``
-    attention elements (the same rule and value as ``danet_torch``).
-    In float16/bfloat16, energies, softmax statistics and gradient sums are
-    float32; the products with V and dO run in the input dtype.
+    (flash attention's backward). A block has
+    ``B * rows * N <= BLOCK_ELEMENTS`` attention elements (the same rule
+    and value as ``danet_torch``). In float16/bfloat16, energies, softmax
+    statistics and the ``dQ`` sum are float32; the products with V and dO
+    run in the input dtype.
+    TensorFlow and JAX: one ``keras.ops`` implementation under
+    ``keras.ops.custom_gradient``, the blocks in a ``scan`` (one block live
+    at a time, XLA and TensorFlow graphs included). Keras' torch backend:
+    a ``torch.autograd.Function`` with the same math that reuses its
+    buffers in place (``_pam_torch``), as ``keras.ops`` cannot.
   - float16/bfloat16 on a GPU (JAX, torch backends):
     ``keras.ops.dot_product_attention(scale=1)`` with V split into heads of
     q/k's width that share q and k (flash/cuDNN kernels need one head size).
@@ -26,10 +32,9 @@
   ``DANET_PAM_PATH`` (read once, at import) says ``official`` or
   ``efficient``; ``DANET_FUSED_ATTN=0`` is still read as ``official``.
 
-The blocks run in a ``keras.ops.fori_loop`` (``tf.while_loop`` with
-``parallel_iterations=1`` on TensorFlow), so one block is live at a time,
-XLA and TensorFlow graphs included, and a TensorFlow graph with unknown batch
-or spatial sizes takes the block size from the runtime sizes.
+A TensorFlow graph traced with unknown spatial sizes (exports, or ``fit`` on
+inputs of changing size) runs the official computation; an unknown batch
+size alone keeps the blocks, sized in the graph.
 """
 
 from __future__ import annotations
@@ -57,8 +62,8 @@ __all__ = [
 ]
 
 PAM_PATHS = ("auto", "official", "efficient")
-# Attention elements per block of queries, B * rows * N (16 MiB in float32);
-# danet_torch.pam uses the same rule and value.
+# Attention elements per block of queries or keys, B * rows * N (16 MiB in
+# float32); danet_torch.pam uses the same rule and value.
 BLOCK_ELEMENTS = 1 << 22
 
 
@@ -105,7 +110,7 @@ def path_from_legacy(path: str, kwargs: dict, name: str = "path") -> str:
 
 
 def block_rows(batch, n):
-    """Query rows per block: ``batch * rows * n <= BLOCK_ELEMENTS``, at least 1, at most ``n``.
+    """Rows (queries or keys) per block: ``batch * rows * n <= BLOCK_ELEMENTS``, at least 1, at most ``n``.
 
     Python ints give an int; scalar tensors (a TensorFlow graph with unknown
     sizes) give a scalar tensor.
@@ -188,11 +193,10 @@ def _blocks_forward(q, k, v, rows):
 
     def step(carry, x):
         energy = ops.einsum("brc,bnc->brn", x[0], ks)  # (B, rows, N), float32 (float64 stays)
-        top = ops.max(energy, axis=-1, keepdims=True)
-        p = ops.exp(energy - top)  # unnormalised: the division happens on (rows, C), not (rows, N)
-        total = ops.sum(p, axis=-1, keepdims=True)
-        o = ops.cast(ops.einsum("brn,bnc->brc", ops.cast(p, dtype), v), stat) / total
-        return carry, (ops.cast(o, dtype), top + ops.log(total))
+        p = ops.softmax(energy, axis=-1)
+        # log-sum-exp = max(E) + log(sum(exp(E - max))) = max(E) - log(max(P)): two reductions, no tile.
+        lse = ops.max(energy, axis=-1, keepdims=True) - ops.log(ops.max(p, axis=-1, keepdims=True))
+        return carry, (ops.cast(ops.einsum("brn,bnc->brc", ops.cast(p, dtype), v), dtype), lse)
 
     blocks = (n + rows - 1) // rows
     _, (out, lse) = _scan(step, ops.zeros((), stat), (_split(ops.cast(q, stat), blocks, rows),), (dtype, stat))
@@ -235,11 +239,11 @@ def _blocks_backward(q, k, v, out, lse, dout, rows):
 
 
 def position_attention_blocks(q, k, v, rows=None):
-    """The official function over blocks of ``rows`` queries, with the flash-style backward.
+    """The official function over blocks of ``rows`` queries (keys in the backward pass).
 
     Args:
         q, k: ``(B, N, C')``. v: ``(B, N, C)``.
-        rows: Query rows per block (default :func:`block_rows`).
+        rows: Rows per block (default :func:`block_rows`).
 
     Returns:
         ``(B, N, C)``.
@@ -302,10 +306,19 @@ def _gpu_available() -> bool:
 
 
 def position_attention_efficient(q, k, v):
-    """The efficient path: the attention kernel for half precision on a GPU, else blocks of queries."""
+    """The efficient path: the attention kernel for half precision on a GPU, else blocks.
+
+    A TensorFlow graph traced with unknown spatial sizes (``N`` is ``None``:
+    exports such as SavedModel and ONNX, or ``fit`` on inputs of changing
+    size) runs the official computation, as ``danet_torch`` does while
+    exporting: the graph then holds plain matmuls and a softmax that run at
+    any size. An unknown batch size alone keeps the blocks.
+    """
     half = keras.backend.standardize_dtype(q.dtype) in ("float16", "bfloat16")
     if half and v.shape[-1] % q.shape[-1] == 0 and _gpu_available():
         return position_attention_kernel(q, k, v)
+    if not isinstance(q.shape[1], int):
+        return position_attention_official(q, k, v)
     return position_attention_blocks(q, k, v)
 
 

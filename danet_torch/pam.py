@@ -2,23 +2,23 @@
 
 ``out = V softmax(Q^T K)^T`` (no ``1/sqrt(d)``, as upstream's
 ``encoding/nn/da_att.py``) with ``N = H * W`` positions. Two paths compute
-it; :class:`~danet_torch.PositionAttention` takes ``path=``:
+it; :class:`~danet_torch.PositionAttention` takes ``pam_path=``:
 
 * ``"official"``: upstream's ``bmm`` + ``N x N`` softmax. The ``N x N``
   attention is 324 MiB per image in float32 at a 96 x 96 feature map.
 * ``"efficient"``: never builds the ``N x N`` matrix.
 
-  - Blocks of queries, on any device: the forward pass keeps, per query
-    row, only the log-sum-exp of its energies besides Q, K, V and the
-    output; the backward pass (a :class:`torch.autograd.Function`)
-    recomputes each block's attention from them and accumulates
-    ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``,
-    ``dK = dS^T Q`` (flash attention's backward), the forward pass over
-    blocks of queries, the backward pass over blocks of keys. A block has
-    ``B * rows * N <= BLOCK_ELEMENTS`` attention elements; the backward pass
-    holds one block's ``P`` and ``dS``. In float16/bfloat16, energies,
-    softmax statistics and gradient sums are float32; the products with V
-    and dO run in the input dtype.
+  - Blocks, on any device, in a :class:`torch.autograd.Function`: the
+    forward pass runs over blocks of queries and keeps, per query row, only
+    the log-sum-exp of its energies besides Q, K, V and the output; the
+    backward pass runs over blocks of keys, recomputes each block's
+    attention ``P`` from them and computes ``dV = P^T dO``,
+    ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK = dS^T Q``
+    (flash attention's backward). A block has
+    ``B * rows * N <= BLOCK_ELEMENTS`` attention elements; the forward pass
+    reuses one such buffer, the backward pass two (``P`` and ``dS``). In
+    float16/bfloat16, energies, softmax statistics and the ``dQ`` sum are
+    float32; the products with V and dO run in the input dtype.
   - CUDA, float16/bfloat16: ``scaled_dot_product_attention(scale=1.0)``
     with V split into heads of q/k's width that share q and k (flash and
     cuDNN kernels need one head size), and its own backward.
@@ -56,8 +56,8 @@ __all__ = [
 ]
 
 PAM_PATHS = ("auto", "official", "efficient")
-# Attention elements per block of queries, B * rows * N (16 MiB in float32);
-# danet_keras.pam uses the same rule and value.
+# Attention elements per block of queries or keys, B * rows * N (16 MiB in
+# float32); danet_keras.pam uses the same rule and value.
 BLOCK_ELEMENTS = 1 << 22
 
 
@@ -90,7 +90,7 @@ def resolve_path(path: str = "auto") -> str:
 
 
 def block_rows(batch: int, n: int) -> int:
-    """Query rows per block: ``batch * rows * n <= BLOCK_ELEMENTS``, at least 1, at most ``n``."""
+    """Rows (queries or keys) per block: ``batch * rows * n <= BLOCK_ELEMENTS``, at least 1, at most ``n``."""
     return max(1, min(n, BLOCK_ELEMENTS // max(1, batch * n)))
 
 
@@ -124,22 +124,25 @@ def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _blocks_forward(q, k, v, rows: int):
-    """``(out (B, C, N), lse (B, N))``; energies in float32 (float64 stays), one buffer reused."""
+    """``(out (B, C, N), lse (B, N, 1))``; energies in float32 (float64 stays), one buffer reused."""
     b, _, n = q.shape
     stat = _stat_dtype(q.dtype)
     qt, ks, vt = q.transpose(1, 2).to(stat), k.to(stat), v.transpose(1, 2)  # (B, N, C'), (B, C', N), (B, N, C)
     out = v.new_empty(b, n, v.shape[1])
-    lse = torch.empty(b, n, dtype=stat, device=q.device)
+    lse = torch.empty(b, n, 1, dtype=stat, device=q.device)
     buffer = torch.empty(b * rows * n, dtype=stat, device=q.device)
     for start in range(0, n, rows):
         r = min(rows, n - start)
         e = torch.bmm(qt[:, start:start + r], ks, out=buffer[: b * r * n].view(b, r, n))  # (B, r, N)
         top = e.amax(dim=-1, keepdim=True)
-        e.sub_(top).exp_()  # unnormalised probabilities, in place
-        total = e.sum(dim=-1, keepdim=True)
-        blk = torch.bmm(e.to(v.dtype), vt)  # (B, r, C)
-        out[:, start:start + r] = blk.div_(total) if blk.dtype == stat else (blk.to(stat) / total).to(v.dtype)
-        lse[:, start:start + r] = (top + total.log()).squeeze(-1)
+        p = e.sub_(top).exp_()  # unnormalised probabilities, in place
+        total = p.sum(dim=-1, keepdim=True)
+        blk = out[:, start:start + r]
+        if blk.dtype == stat:  # normalise (r, C) after the product, not (r, N) before it
+            torch.bmm(p, vt, out=blk).div_(total)
+        else:
+            blk.copy_(torch.bmm(p.to(v.dtype), vt).to(stat).div_(total))
+        lse[:, start:start + r] = top + total.log()
     return out.transpose(1, 2), lse
 
 
@@ -148,31 +151,29 @@ def _blocks_backward(q, k, v, out, lse, dout, rows: int):
 
     Blocks of keys make ``dV_j = P_j^T dO`` and ``dK_j = dS_j^T Q`` products
     over all ``N`` queries, written once, and leave only the narrow ``dQ``
-    (``C'`` rows) to accumulate. ``P = exp(Q^T K - lse)`` is one matmul
-    (``-lse`` rides as an extra column of Q against a row of ones appended to
-    K) and an in-place ``exp``.
+    (``C'`` columns) to accumulate. ``Q^T K_j - lse`` and
+    ``dO V_j^T - rowsum(dO * O)`` are each one ``baddbmm``.
     """
     b, ck, n = q.shape
     stat, dtype = _stat_dtype(q.dtype), q.dtype
     dot = dout.transpose(1, 2).to(dtype)  # (B, N, C)
-    delta = (dot.to(stat) * out.transpose(1, 2).to(stat)).sum(dim=-1, keepdim=True)  # rowsum(dO * O)
-    qa = torch.cat([q.transpose(1, 2).to(stat), -lse.unsqueeze(-1)], dim=-1)  # (B, N, C' + 1)
-    ka = torch.cat([k.to(stat), torch.ones(b, 1, n, dtype=stat, device=q.device)], dim=1)  # (B, C' + 1, N)
-    qt, kt = q.transpose(1, 2), k.transpose(1, 2)  # (B, N, C')
+    neg_delta = -(dot.to(stat) * out.transpose(1, 2).to(stat)).sum(dim=-1, keepdim=True)  # -rowsum(dO * O)
+    qt, kt, ks = q.transpose(1, 2), k.transpose(1, 2), k.to(stat)  # (B, N, C'), (B, N, C'), (B, C', N)
+    qs = qt.to(stat)
     dq = torch.zeros(b, n, ck, dtype=stat, device=q.device)
     dk, dv = k.new_empty(b, n, ck), v.new_empty(b, n, v.shape[1])
     buffers = [torch.empty(b * n * rows, dtype=stat, device=q.device) for _ in range(2)]  # P, dS
     for start in range(0, n, rows):
         r = min(rows, n - start)
-        p = torch.bmm(qa, ka[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r)).exp_()  # (B, N, r)
-        pm = p.to(dtype)
-        dv[:, start:start + r] = torch.bmm(pm.transpose(1, 2), dot)  # dV_j = P_j^T dO
-        if dtype == stat:  # dS = P * (dO V^T - delta), in place
-            ds = torch.bmm(dot, v[:, :, start:start + r], out=buffers[1][: b * n * r].view(b, n, r))
-            ds = ds.sub_(delta).mul_(p)
+        p = torch.baddbmm(-lse, qs, ks[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r)).exp_()
+        pm = p.to(dtype)  # P_j (B, N, r)
+        torch.bmm(pm.transpose(1, 2), dot, out=dv[:, start:start + r])  # dV_j = P_j^T dO
+        vb = v[:, :, start:start + r]  # (B, C, r)
+        if dtype == stat:  # dS_j = P_j * (dO V_j^T - delta), in place
+            ds = torch.baddbmm(neg_delta, dot, vb, out=buffers[1][: b * n * r].view(b, n, r)).mul_(p)
         else:
-            ds = ((torch.bmm(dot, v[:, :, start:start + r]).to(stat) - delta) * p).to(dtype)
-        dk[:, start:start + r] = torch.bmm(ds.transpose(1, 2), qt)  # dK_j = dS_j^T Q
+            ds = torch.bmm(dot, vb).to(stat).add_(neg_delta).mul_(p).to(dtype)
+        torch.bmm(ds.transpose(1, 2), qt, out=dk[:, start:start + r])  # dK_j = dS_j^T Q
         _add_bmm(dq, ds, kt[:, start:start + r])  # dQ += dS_j K_j
     return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2), dv.transpose(1, 2)
 
@@ -197,11 +198,11 @@ class _PositionAttentionBlocks(torch.autograd.Function):
 
 
 def position_attention_blocks(q, k, v, rows: int | None = None) -> torch.Tensor:
-    """The official function over blocks of ``rows`` queries, with the flash-style backward.
+    """The official function over blocks of ``rows`` queries (keys in the backward pass).
 
     Args:
         q, k: ``(B, C', N)``. v: ``(B, C, N)``.
-        rows: Query rows per block (default :func:`block_rows`).
+        rows: Rows per block (default :func:`block_rows`).
 
     Returns:
         ``(B, C, N)``, a view of a ``(B, N, C)`` tensor.

@@ -1,16 +1,30 @@
-"""Official vs fused position attention: time and peak memory, side by side in one run.
+"""PAM's official and efficient paths: time and peak memory, forward and forward+backward.
 
-Each case runs in a fresh process (so peak resident memory on CPU means
-something): the PAM layer (C channels, C/8 query/key channels, gamma 1) is
-built, warmed up on a tiny input, then measured: peak memory of the first
-full-size call above the warmed-up baseline (``torch.cuda.max_memory_allocated``
-on CUDA, ``ru_maxrss`` on CPU) and the median time of ``--repeats`` calls.
+Every measurement runs in a fresh process, and the two paths alternate
+(official, efficient, official, ...) ``--repeats`` times; the table gives the
+medians. In each process the ``PositionAttention`` layer (C channels, C/8
+query/key channels, gamma 1) is built and run once at full size (warm-up:
+tracing and compiling included), then:
 
-    python benchmarks/pam_benchmark.py --device cpu --batch 1 --sizes 32 64 96
-    python benchmarks/pam_benchmark.py --device cuda --sizes 32 64 128 181
-    KERAS_BACKEND=tensorflow python benchmarks/pam_benchmark.py --framework keras --device cpu
+* peak memory: the first measured call's peak above the memory in use just
+  before it. CPU: resident memory (``VmHWM`` after ``/proc/self/clear_refs``
+  and ``malloc_trim``, less ``VmRSS``), except Keras on TensorFlow, whose
+  allocator keeps freed memory: its own peak bytes in use
+  (``tf.config.experimental.get_memory_info``). GPU: ``torch.cuda.max_memory_allocated``
+  (torch, Keras on torch), JAX's ``peak_bytes_in_use``, TensorFlow's
+  ``get_memory_info("GPU:0")``.
+* time: the median of ``--calls`` further calls.
 
-Prints a Markdown table (and ``--json FILE`` writes the rows).
+"fwd+bwd" is the loss ``sum(y * y)`` and its gradients for the input and every
+weight: torch autograd; Keras as ``fit`` would run it: TensorFlow
+``tf.function`` + ``GradientTape``, JAX ``jit(value_and_grad)`` over
+``stateless_call``, torch-backend autograd.
+
+    python benchmarks/pam_benchmark.py --batch 1 --sizes 96 --dtypes float32
+    KERAS_BACKEND=jax python benchmarks/pam_benchmark.py --framework keras --batch 1 --sizes 96 --dtypes float32
+    python benchmarks/pam_benchmark.py --device cuda --batch 2 --sizes 64 128 181
+
+Prints a Markdown table (``--json FILE`` also writes the rows).
 """
 
 from __future__ import annotations
@@ -18,42 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import CpuMemory, TorchCudaMemory, keras_memory, machine, run_pairs, time_calls  # noqa: E402
+
+__all__ = ["main"]
 
 
-def _rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _rss_peak_of(fn, x) -> float:
-    """Peak resident memory (MiB) that ``fn(x)`` adds above this process's peak so far."""
-    base = _rss_mib()
-    fn(x)
-    return _rss_mib() - base
-
-
-def _measure(run, make, args, peak_of) -> dict:
-    """Warm up on a tiny input, take the first full-size call's peak memory, then time repeats."""
-    run(make(8))
-    x = make(args.size)
-    peak = peak_of(run, x)
-    for _ in range(args.warmup):
-        run(x)
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return {"ms": statistics.median(times) * 1e3, "peak_mib": peak}
-
-
-def _case_torch(args) -> dict:
+def _torch_case(args) -> dict:
     import torch
 
     from danet_torch import PositionAttention
@@ -62,35 +49,84 @@ def _case_torch(args) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    pam = PositionAttention(args.channels, fused=args.path == "fused").to(device, dtype)
+    pam = PositionAttention(args.channels, pam_path=args.path).to(device, dtype)
     with torch.no_grad():
         pam.gamma.fill_(1.0)
     backward = args.mode == "fwd+bwd"
+    x = torch.randn(args.batch, args.channels, args.size, args.size, device=device, dtype=dtype,
+                    requires_grad=backward)
 
-    def run(x):
+    def run():
         if backward:
-            pam(x).float().pow(2).mean().backward()
+            x.grad = None
+            pam.zero_grad(set_to_none=True)
+            y = pam(x)
+            (y.float() * y.float()).sum().backward()
         else:
             with torch.no_grad():
                 pam(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def make(h):
-        return torch.randn(args.batch, args.channels, h, h, device=device, dtype=dtype, requires_grad=backward)
-
-    if device.type == "cuda":
-        def peak_of(fn, x):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn(x)
-            return (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak_of = _rss_peak_of
-    return _measure(run, make, args, peak_of) | {"versions": f"torch {torch.__version__}"}
+    run()
+    memory = TorchCudaMemory() if device.type == "cuda" else CpuMemory()
+    memory.reset()
+    run()
+    peak = memory.peak()
+    return {"ms": time_calls(run, args.calls), "peak_mib": peak, "versions": f"torch {torch.__version__}"}
 
 
-def _case_keras(args) -> dict:
+def _keras_step(layer, backward: bool):
+    """A function ``x -> outputs`` that computes ``sum(y * y)`` and its gradients when ``backward``."""
+    import keras
+
+    backend = keras.backend.backend()
+    ops = keras.ops
+
+    def loss_of(y):
+        y = ops.cast(y, "float32")
+        return ops.sum(y * y)
+
+    if not backward:
+        if backend == "jax":
+            import jax
+
+            fn = jax.jit(lambda tv, ntv, x: layer.stateless_call(tv, ntv, x)[0])
+            return lambda x: fn([v.value for v in layer.trainable_variables],
+                                [v.value for v in layer.non_trainable_variables], x)
+        return lambda x: layer(x)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = loss_of(layer(x))
+            return tape.gradient(loss, [x] + layer.trainable_variables)
+
+        return step
+    if backend == "jax":
+        import jax
+
+        def loss_fn(tv, x, ntv):
+            return loss_of(layer.stateless_call(tv, ntv, x)[0])
+
+        grad = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+        return lambda x: grad([v.value for v in layer.trainable_variables], x,
+                              [v.value for v in layer.non_trainable_variables])
+
+    def torch_step(x):
+        for v in layer.trainable_variables:
+            v.value.grad = None
+        x = x.detach().requires_grad_(True)
+        loss_of(layer(x)).backward()
+        return [x.grad] + [v.value.grad for v in layer.trainable_variables]
+
+    return torch_step
+
+
+def _keras_case(args) -> dict:
     import keras
     import numpy as np
 
@@ -101,86 +137,82 @@ def _case_keras(args) -> dict:
 
         jax.config.update("jax_default_matmul_precision", "highest")
     keras.config.set_dtype_policy(args.dtype)
-    pam = PositionAttention(fused=args.path == "fused")
+    pam = PositionAttention(pam_path=args.path)
     pam.build((None, None, None, args.channels))
     pam.gamma.assign(np.ones((1,), "float32"))
+    x = keras.ops.convert_to_tensor(
+        np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, args.channels)),
+        dtype=args.dtype)
+    step = _keras_step(pam, args.mode == "fwd+bwd")
 
-    def make(h):
-        return keras.ops.convert_to_tensor(
-            np.random.default_rng(0).standard_normal((args.batch, h, h, args.channels)), dtype=args.dtype)
+    def run():
+        out = step(x)
+        keras.tree.map_structure(lambda t: keras.ops.convert_to_numpy(keras.ops.sum(t)), out)  # waits for it
 
-    def run(x):
-        y = pam(x)
-        keras.ops.convert_to_numpy(keras.ops.sum(y))
-
-    return _measure(run, make, args, _rss_peak_of) | {
-        "versions": f"keras {keras.__version__} ({keras.backend.backend()})"}
-
-
-def _one_case(args) -> None:
-    result = _case_keras(args) if args.framework == "keras" else _case_torch(args)
-    print("RESULT " + json.dumps(result))
+    run()
+    memory = keras_memory()
+    memory.reset()
+    run()
+    peak = memory.peak()
+    return {"ms": time_calls(run, args.calls), "peak_mib": peak,
+            "versions": f"keras {keras.__version__} ({keras.backend.backend()})"}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--framework", choices=["torch", "keras"], default="torch")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="H = W of the feature map")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="torch only; Keras runs on its backend's default device (a GPU when there is one)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 96], help="H = W of the feature map")
+    p.add_argument("--dtypes", nargs="+", default=["float32"])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--channels", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per path (medians reported)")
+    p.add_argument("--calls", type=int, default=2, help="timed calls per process (median)")
+    p.add_argument("--block-elements", type=int, default=None,
+                   help="override BLOCK_ELEMENTS (attention elements per block) of the efficient path")
     p.add_argument("--json", default=None)
     p.add_argument("--one-case", nargs=4, metavar=("PATH", "SIZE", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one_case:
         args.path, size, args.dtype, args.mode = args.one_case
         args.size = int(size)
-        _one_case(args)
+        if args.block_elements:
+            import importlib
+
+            module = importlib.import_module("danet_keras.pam" if args.framework == "keras" else "danet_torch.pam")
+            module.BLOCK_ELEMENTS = args.block_elements
+        result = _keras_case(args) if args.framework == "keras" else _torch_case(args)
+        print("RESULT " + json.dumps(result))
         return 0
-    sizes = args.sizes or ([32, 64, 96] if args.device == "cpu" else [32, 64, 128, 181])
-    if args.framework == "keras":
-        args.modes = ["fwd"]
     rows, versions = [], ""
-    for size in sizes:
+    common = ["--framework", args.framework, "--device", args.device, "--batch", str(args.batch),
+              "--channels", str(args.channels), "--calls", str(args.calls)]
+    if args.block_elements:
+        common += ["--block-elements", str(args.block_elements)]
+    for size in args.sizes:
         for dtype in args.dtypes:
             for mode in args.modes:
-                pair = {}
-                for path in ("official", "fused"):
-                    cmd = [sys.executable, __file__, "--framework", args.framework, "--device", args.device,
-                           "--batch", str(args.batch), "--channels", str(args.channels),
-                           "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-                           "--one-case", path, str(size), dtype, mode]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
-                    if proc.returncode or not line:
-                        err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                        pair[path] = {"ms": float("nan"), "peak_mib": float("nan"), "error": err[:80]}
-                    else:
-                        pair[path] = json.loads(line[0][7:])
-                        versions = pair[path].pop("versions")
-                o, f = pair["official"], pair["fused"]
+                pair = run_pairs(__file__, [str(size), dtype, mode] + common, args.repeats)
+                versions = pair["versions"] or versions
+                o, e = pair["official"], pair["efficient"]
                 rows.append({"size": f"{size}x{size}", "N": size * size, "dtype": dtype, "mode": mode,
-                             "official_ms": o["ms"], "official_mib": o["peak_mib"], "fused_ms": f["ms"],
-                             "fused_mib": f["peak_mib"], "time_ratio": f["ms"] / o["ms"],
-                             "memory_ratio": f["peak_mib"] / o["peak_mib"] if o["peak_mib"] else float("nan"),
-                             "error": o.get("error") or f.get("error") or ""})
-                print(f"# {rows[-1]}", file=sys.stderr, flush=True)
-    names = ("plain", "efficient") if args.framework == "keras" else ("official", "fused")
-    print(f"{args.framework}, {args.device}, B={args.batch}, C={args.channels}, {versions}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; median of {args.repeats}")
+                             "official_ms": o["ms"], "official_mib": o["peak_mib"], "efficient_ms": e["ms"],
+                             "efficient_mib": e["peak_mib"], "time_ratio": e["ms"] / o["ms"],
+                             "memory_ratio": e["peak_mib"] / o["peak_mib"] if o["peak_mib"] else float("nan"),
+                             "error": o["error"] or e["error"]})
+    print(f"{args.framework}, {args.device}, B={args.batch}, C={args.channels}, {versions}; {machine()}; "
+          f"medians of {args.repeats} fresh processes per path, {args.calls} timed calls each")
     print()
-    print(f"| H x W | N | dtype | pass | {names[0]} ms | {names[0]} peak MiB | {names[1]} ms | "
-          f"{names[1]} peak MiB | time ratio | memory ratio |")
+    print("| H x W | N | dtype | pass | official ms | official MiB | efficient ms | efficient MiB "
+          "| time ratio | memory ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         note = f" ({r['error']})" if r["error"] else ""
         print(f"| {r['size']} | {r['N']} | {r['dtype']} | {r['mode']} | {r['official_ms']:.1f} | "
-              f"{r['official_mib']:.0f} | {r['fused_ms']:.1f} | {r['fused_mib']:.0f} | {r['time_ratio']:.2f} | "
-              f"{r['memory_ratio']:.3f}{note} |")
+              f"{r['official_mib']:.0f} | {r['efficient_ms']:.1f} | {r['efficient_mib']:.0f} | "
+              f"{r['time_ratio']:.2f} | {r['memory_ratio']:.3f}{note} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

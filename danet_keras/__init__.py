@@ -5,7 +5,7 @@ from .backbone import Bottleneck, DilatedResNet, resnet50, resnet101
 from .head import DANetHead, DualAttention
 from .layers import BatchNorm, Conv2d, MaxPool2d, resize_bilinear_align_corners
 from .model import DANet
-from . import distribution, losses, metrics  # registers the loss and the metric for .keras reloads
+from . import distribution, losses, metrics, pam  # registers the loss and the metric for .keras reloads
 
 __all__ = [
     "PositionAttention",
@@ -26,4 +26,5 @@ __all__ = [
     "distribution",
     "losses",
     "metrics",
+    "pam",
 ]

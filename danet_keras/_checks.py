@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numbers
 
-import os
-
-__all__ = ["check_positive_int", "check_fused", "check_shape", "standardize_data_format", "env_allows_fused"]
+__all__ = ["check_positive_int", "check_shape", "standardize_data_format"]
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -14,12 +12,6 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
     return int(value)
-
-
-def check_fused(fused):
-    if fused not in (None, True, False):
-        raise ValueError(f"`fused` must be None (automatic), True or False, got {fused!r}.")
-    return fused
 
 
 def check_shape(layer: str, shape, data_format: str, channels: int | None = None) -> int:
@@ -48,7 +40,3 @@ def standardize_data_format(data_format) -> str:
         raise ValueError(f"`data_format` must be 'channels_last' or 'channels_first', got {data_format!r}.")
     return value
 
-
-def env_allows_fused() -> bool:
-    """``DANET_FUSED_ATTN=0`` (or false/no/off) turns the automatic efficient PAM path off."""
-    return os.environ.get("DANET_FUSED_ATTN", "1").lower() not in ("0", "false", "no", "off")

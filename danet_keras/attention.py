@@ -4,18 +4,8 @@ The official code (``encoding/nn/da_att.py``) is reproduced exactly: bias on
 PAM's projections, ``C // 8`` query/key channels, no ``1/sqrt(d)``, gammas
 initialised to zero, and CAM's ``max(E) - E`` before the softmax.
 
-PAM has two paths computing the same function (``fused`` mirrors
-``danet_torch``): the official one builds the ``N x N`` energy
-(``N = H * W``); the efficient one never holds it:
-
-* blocks of query rows, each ``(B, rows, N)`` (any backend, static ``N``);
-* in float16/bfloat16 on a GPU (JAX, torch backends),
-  ``keras.ops.dot_product_attention`` with V split into heads of q/k's width
-  that share q and k (flash/cuDNN kernels need one head size).
-
-The efficient path needs a static ``H * W`` at trace time (always so on JAX
-and torch); with ``None`` spatial sizes in a TensorFlow graph it falls back
-to the official path. ``DANET_FUSED_ATTN=0`` turns automatic selection off.
+PAM's attention core, on the official or the efficient path (``pam_path=``), is
+in :mod:`danet_keras.pam`.
 """
 
 from __future__ import annotations
@@ -23,92 +13,26 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from ._checks import check_fused, check_positive_int, check_shape, env_allows_fused, standardize_data_format
+from ._checks import check_positive_int, check_shape, standardize_data_format
 from .layers import Conv2d, backend_result_type
+from .pam import bmm as _bmm
+from .pam import check_path, path_from_legacy, position_attention_efficient, position_attention_official, resolve_path
 
 __all__ = [
     "PositionAttention",
     "ChannelAttention",
     "PAM_Module",
     "CAM_Module",
-    "position_attention_plain",
-    "position_attention_blocked",
-    "position_attention_split_heads",
 ]
-
-# Energies per block on the blocked path: (rows, N) with rows * N <= this.
-BLOCK_ELEMENTS = 1 << 23
-# Below this many positions the N x N matrix is small and the official path wins.
-MIN_FUSED_POSITIONS = 1024
-
-
-def _bmm(a, b):
-    """Batched ``a @ b``. float64 goes through ``einsum``: Keras 3.15's torch
-    backend computes ``ops.matmul`` of float64 inputs in float32
-    (``BIT64_TO_BIT32_DTYPE`` in its type promotion)."""
-    if keras.backend.standardize_dtype(a.dtype) == "float64":
-        return ops.einsum("bij,bjk->bik", a, b)
-    return ops.matmul(a, b)
-
-
-def _softmax(energy):
-    """Softmax over the last axis in float32 (float64 stays), result in ``energy``'s dtype."""
-    dtype = backend_result_type(energy.dtype)
-    return ops.cast(ops.softmax(ops.cast(energy, dtype), axis=-1), energy.dtype)
-
-
-def position_attention_plain(q, k, v):
-    """Official PAM core: ``(B, N, C'), (B, N, C'), (B, N, C) -> (B, N, C)``, no scaling."""
-    attention = _softmax(_bmm(q, ops.transpose(k, (0, 2, 1))))  # (B, N, N)
-    return _bmm(attention, v)
-
-
-def position_attention_blocked(q, k, v, block_rows: int):
-    """The same function over blocks of ``block_rows`` queries (static ``N``)."""
-    n = q.shape[1]
-    kt = ops.transpose(k, (0, 2, 1))
-    outs = [_bmm(_softmax(_bmm(q[:, i:i + block_rows], kt)), v) for i in range(0, n, block_rows)]
-    return outs[0] if len(outs) == 1 else ops.concatenate(outs, axis=1)
-
-
-def position_attention_split_heads(q, k, v):
-    """The same function with ``keras.ops.dot_product_attention(scale=1)``.
-
-    V ``(B, N, C)`` is split into ``C // C'`` heads of width ``C'`` that all
-    use the same q and k; requires ``C % C' == 0``.
-    """
-    cq, c = q.shape[-1], v.shape[-1]
-    heads = c // cq
-    shape = ops.shape(v)
-    vh = ops.reshape(v, (shape[0], shape[1], heads, cq))
-    qh = ops.repeat(ops.expand_dims(q, 2), heads, axis=2)
-    kh = ops.repeat(ops.expand_dims(k, 2), heads, axis=2)
-    out = ops.dot_product_attention(qh, kh, vh, scale=1.0)
-    return ops.reshape(out, shape)
-
-
-def _gpu_available() -> bool:
-    backend = keras.backend.backend()
-    try:
-        if backend == "jax":
-            import jax
-
-            return jax.devices()[0].platform == "gpu"
-        if backend == "torch":
-            import torch
-
-            return torch.cuda.is_available()
-    except Exception:  # pragma: no cover - device query failures mean "no GPU"
-        return False
-    return False
 
 
 def _tokens(x, data_format):
     """``(B, H, W, C)`` or ``(B, C, H, W)`` -> ``(B, N, C)``."""
     if data_format == "channels_first":
         x = ops.transpose(x, (0, 2, 3, 1))
-    shape = ops.shape(x)
-    return ops.reshape(x, (shape[0], -1, x.shape[-1]))
+    h, w = x.shape[1], x.shape[2]
+    n = h * w if isinstance(h, int) and isinstance(w, int) else -1  # keep a static N static
+    return ops.reshape(x, (ops.shape(x)[0], n, x.shape[-1]))
 
 
 def _untokens(t, like, data_format):
@@ -151,9 +75,15 @@ class PositionAttention(_Attention):
 
     Args:
         reduction: Query/key channels are ``C // reduction`` (8 upstream).
-        fused: ``None`` (automatic: efficient for ``N >= 1024`` when ``N`` is
-            static), ``True`` (efficient whenever ``N`` is static) or
-            ``False`` (the official matmul + softmax path).
+        pam_path: ``"auto"`` (default), ``"official"`` or ``"efficient"``.
+            ``"official"`` is upstream's matmul + ``N x N`` softmax;
+            ``"efficient"`` computes the same function, forward and
+            backward, without the ``N x N`` matrix (see
+            :mod:`danet_keras.pam`); ``"auto"`` is resolved once, here, to
+            one of them (``"efficient"`` unless ``DANET_PAM_PATH`` says
+            otherwise) and kept in ``resolved_pam_path``. Configs saved with
+            the old ``fused=None/True/False`` load as ``"auto"``,
+            ``"efficient"``, ``"official"``.
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
         **kwargs: Layer arguments (``name``, ``dtype``, ...).
 
@@ -161,10 +91,12 @@ class PositionAttention(_Attention):
         ``(B, H, W, C)`` -> ``(B, H, W, C)``; ``C // reduction >= 1``.
     """
 
-    def __init__(self, reduction: int = 8, fused: bool | None = None, data_format=None, **kwargs):
+    def __init__(self, reduction: int = 8, pam_path: str = "auto", data_format=None, **kwargs):
+        pam_path = path_from_legacy(pam_path, kwargs, "pam_path")
         super().__init__(data_format=data_format, **kwargs)
         self.reduction = check_positive_int("reduction", reduction)
-        self.fused = check_fused(fused)
+        self.pam_path = check_path(pam_path, "pam_path")
+        self.resolved_pam_path = resolve_path(pam_path)
 
     def build(self, input_shape):
         c = self._check(input_shape)
@@ -181,35 +113,21 @@ class PositionAttention(_Attention):
             layer.build(input_shape)
         self._add_gamma()
 
-    def select_path(self, q, v) -> str:
-        n = q.shape[1]
-        if self.fused is False or not isinstance(n, int):
-            return "plain"
-        if self.fused is None and (n < MIN_FUSED_POSITIONS or not env_allows_fused()):
-            return "plain"
-        half = keras.backend.standardize_dtype(q.dtype) in ("float16", "bfloat16")
-        if half and v.shape[-1] % q.shape[-1] == 0 and _gpu_available():
-            return "split_heads"
-        return "blocked"
-
     def call(self, inputs):
         self._check(inputs.shape)
         q = _tokens(self.query_conv(inputs), self.data_format)
         k = _tokens(self.key_conv(inputs), self.data_format)
         v = _tokens(self.value_conv(inputs), self.data_format)
-        path = self.select_path(q, v)
-        if path == "split_heads":
-            out = position_attention_split_heads(q, k, v)
-        elif path == "blocked":
-            out = position_attention_blocked(q, k, v, max(1, BLOCK_ELEMENTS // q.shape[1]))
+        if self.resolved_pam_path == "official":
+            out = position_attention_official(q, k, v)
         else:
-            out = position_attention_plain(q, k, v)
+            out = position_attention_efficient(q, k, v)
         out = _untokens(out, inputs, self.data_format)
         return ops.cast(self.gamma, out.dtype) * out + inputs
 
     def get_config(self):
         config = super().get_config()
-        config.update(reduction=self.reduction, fused=self.fused)
+        config.update(reduction=self.reduction, pam_path=self.pam_path)
         return config
 
     def attention_rows(self, x, points):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import keras
 
-from ._checks import check_fused, check_positive_int, check_shape, standardize_data_format
+from ._checks import check_positive_int, check_shape, standardize_data_format
 from .attention import ChannelAttention, PositionAttention
 from .layers import BatchNorm, Conv2d, sequential, spatial_axes, with_channels
+from .pam import check_path, path_from_legacy
 
 __all__ = ["DualAttention", "DANetHead", "conv_bn_relu"]
 
@@ -33,7 +34,8 @@ class DualAttention(keras.layers.Layer):
         inter_channels: Channels inside the attention (default ``C // 4``, as
             the official head).
         reduction: PAM's query/key reduction (8).
-        fused: PAM's path, see :class:`~danet_keras.PositionAttention`.
+        pam_path: PAM's path, ``"auto"``, ``"official"`` or ``"efficient"``
+            (see :class:`~danet_keras.PositionAttention`).
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
         **kwargs: Layer arguments (``name``, ``dtype``, ...).
 
@@ -42,13 +44,14 @@ class DualAttention(keras.layers.Layer):
     """
 
     def __init__(self, out_channels: int | None = None, inter_channels: int | None = None, reduction: int = 8,
-                 fused: bool | None = None, data_format=None, **kwargs):
+                 pam_path: str = "auto", data_format=None, **kwargs):
+        pam_path = path_from_legacy(pam_path, kwargs, "pam_path")
         super().__init__(**kwargs)
         self.out_channels = None if out_channels is None else check_positive_int("out_channels", out_channels)
         self.inter_channels = (None if inter_channels is None
                                else check_positive_int("inter_channels", inter_channels))
         self.reduction = check_positive_int("reduction", reduction)
-        self.fused = check_fused(fused)
+        self.pam_path = check_path(pam_path, "pam_path")
         self.data_format = standardize_data_format(data_format)
         self.in_channels = None
 
@@ -75,7 +78,7 @@ class DualAttention(keras.layers.Layer):
         kw = dict(data_format=self.data_format, dtype=self.dtype_policy)
         self.conv5a = conv_bn_relu(inter, "conv5a", **kw)
         self.conv5c = conv_bn_relu(inter, "conv5c", **kw)
-        self.sa = PositionAttention(self.reduction, fused=self.fused, name="sa", **kw)
+        self.sa = PositionAttention(self.reduction, pam_path=self.pam_path, name="sa", **kw)
         self.sc = ChannelAttention(name="sc", **kw)
         self.conv51 = conv_bn_relu(out, "conv51", **kw)
         self.conv52 = conv_bn_relu(out, "conv52", **kw)
@@ -104,7 +107,7 @@ class DualAttention(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(out_channels=self.out_channels, inter_channels=self.inter_channels,
-                      reduction=self.reduction, fused=self.fused, data_format=self.data_format)
+                      reduction=self.reduction, pam_path=self.pam_path, data_format=self.data_format)
         return config
 
 
@@ -120,7 +123,8 @@ class DANetHead(DualAttention):
         num_classes: Classes of the three classifiers.
         reduction: PAM's query/key reduction (8).
         dropout: ``SpatialDropout2D`` rate before each classifier (0.1).
-        fused: PAM's path, see :class:`~danet_keras.PositionAttention`.
+        pam_path: PAM's path, ``"auto"``, ``"official"`` or ``"efficient"``
+            (see :class:`~danet_keras.PositionAttention`).
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
 
     Returns:
@@ -128,11 +132,11 @@ class DANetHead(DualAttention):
         ``conv8(sa_conv + sc_conv)``, ``conv6(sa_conv)``, ``conv7(sc_conv)``.
     """
 
-    def __init__(self, num_classes: int, reduction: int = 8, dropout: float = 0.1, fused: bool | None = None,
+    def __init__(self, num_classes: int, reduction: int = 8, dropout: float = 0.1, pam_path: str = "auto",
                  data_format=None, **kwargs):
         kwargs.pop("out_channels", None)
         kwargs.pop("inter_channels", None)
-        super().__init__(reduction=reduction, fused=fused, data_format=data_format, **kwargs)
+        super().__init__(reduction=reduction, pam_path=pam_path, data_format=data_format, **kwargs)
         self.num_classes = check_positive_int("num_classes", num_classes)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")

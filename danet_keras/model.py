@@ -11,6 +11,7 @@ from ._checks import check_positive_int, check_shape, standardize_data_format
 from .backbone import DilatedResNet
 from .head import DANetHead
 from .layers import resize_bilinear_align_corners, spatial_axes
+from .pam import check_path, path_from_legacy
 
 __all__ = ["DANet", "BACKBONES"]
 
@@ -33,7 +34,8 @@ class DANet(keras.Model):
         deep_stem: Three 3x3 stem convs instead of the 7x7 conv.
         multi_grid: layer4 dilations, or ``None`` for the plain dilated rule.
         dropout: ``SpatialDropout2D`` rate before each classifier.
-        fused: PAM's path (see :class:`~danet_keras.PositionAttention`).
+        pam_path: PAM's path, ``"auto"``, ``"official"`` or ``"efficient"``
+            (see :class:`~danet_keras.PositionAttention`).
         data_format: ``"channels_last"`` (default) or ``"channels_first"``.
         in_channels: Input channels (3: RGB; 1 for MRI, 4 for RGB + another band, ...).
         pretrained_backbone: Path of ImageNet ResNet weights (torchvision/timm
@@ -49,21 +51,22 @@ class DANet(keras.Model):
 
     def __init__(self, num_classes: int, backbone: str = "resnet101", output_stride: int = 8,
                  deep_stem: bool = False, multi_grid: Sequence[int] | None = (4, 8, 16), dropout: float = 0.1,
-                 fused: bool | None = None, data_format=None, in_channels: int = 3, pretrained_backbone=None,
+                 pam_path: str = "auto", data_format=None, in_channels: int = 3, pretrained_backbone=None,
                  **kwargs):
+        pam_path = path_from_legacy(pam_path, kwargs, "pam_path")
         super().__init__(**kwargs)
         self.num_classes = check_positive_int("num_classes", num_classes)
         if backbone not in BACKBONES:
             raise ValueError(f"`backbone` must be one of {sorted(BACKBONES)}, got {backbone!r}.")
         self.backbone, self.output_stride, self.deep_stem = backbone, output_stride, bool(deep_stem)
         self.multi_grid = None if multi_grid is None else tuple(int(d) for d in multi_grid)
-        self.dropout, self.fused = float(dropout), fused
+        self.dropout, self.pam_path = float(dropout), check_path(pam_path, "pam_path")
         self.data_format = standardize_data_format(data_format)
         self.pretrained = DilatedResNet(BACKBONES[backbone], output_stride=output_stride, deep_stem=deep_stem,
                                         multi_grid=self.multi_grid, data_format=self.data_format,
                                         in_channels=in_channels, dtype=self.dtype_policy, name="pretrained")
         self.in_channels = self.pretrained.in_channels
-        self.head = DANetHead(num_classes, dropout=dropout, fused=fused, data_format=self.data_format,
+        self.head = DANetHead(num_classes, dropout=dropout, pam_path=pam_path, data_format=self.data_format,
                               dtype=self.dtype_policy, name="head")
         self.backbone_notes: list = []
         if pretrained_backbone is not None:
@@ -127,7 +130,7 @@ class DANet(keras.Model):
                   "dtype": keras.saving.serialize_keras_object(self.dtype_policy)}
         config.update(num_classes=self.num_classes, backbone=self.backbone, output_stride=self.output_stride,
                       deep_stem=self.deep_stem, multi_grid=None if self.multi_grid is None else list(self.multi_grid),
-                      dropout=self.dropout, fused=self.fused, data_format=self.data_format,
+                      dropout=self.dropout, pam_path=self.pam_path, data_format=self.data_format,
                       in_channels=self.in_channels)
         return config
 

@@ -4,7 +4,7 @@ from .attention import CAM_Module, ChannelAttention, PAM_Module, PositionAttenti
 from .backbone import Bottleneck, DilatedResNet, resnet50, resnet101
 from .head import DANetHead, DualAttention
 from .model import DANet, danet_loss
-from . import fused
+from . import pam
 
 __all__ = [
     "PositionAttention",
@@ -19,5 +19,5 @@ __all__ = [
     "resnet101",
     "DANet",
     "danet_loss",
-    "fused",
+    "pam",
 ]

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_input, check_positive_int
-from .fused import position_attention_core, resolve_fused
+from .pam import check_path, is_exporting, position_attention_efficient, position_attention_official, resolve_path
 
 __all__ = ["PositionAttention", "ChannelAttention", "PAM_Module", "CAM_Module"]
 
@@ -26,16 +26,20 @@ class PositionAttention(nn.Module):
     Args:
         in_channels: Channels ``C`` of the input.
         reduction: Query/key channels are ``C // reduction`` (8 upstream).
-        fused: ``None`` (automatic), ``True`` or ``False``. The fused path
-            computes the same function without the ``N x N`` matrix (see
-            :mod:`danet_torch.fused`); ``False`` is the official
-            ``bmm`` + softmax path, always used while exporting.
+        pam_path: ``"auto"`` (default), ``"official"`` or ``"efficient"``.
+            ``"official"`` is upstream's ``bmm`` + ``N x N`` softmax;
+            ``"efficient"`` computes the same function, forward and
+            backward, without the ``N x N`` matrix (see
+            :mod:`danet_torch.pam`); ``"auto"`` is resolved once, here, to
+            one of them (``"efficient"`` unless ``DANET_PAM_PATH`` says
+            otherwise) and kept in ``resolved_pam_path``. The official path is
+            always used while exporting.
 
     Shape:
         ``(B, C, H, W)`` -> ``(B, C, H, W)``.
     """
 
-    def __init__(self, in_channels: int, reduction: int = 8, fused: bool | None = None):
+    def __init__(self, in_channels: int, reduction: int = 8, pam_path: str = "auto"):
         super().__init__()
         check_positive_int("in_channels", in_channels)
         check_positive_int("reduction", reduction)
@@ -43,11 +47,11 @@ class PositionAttention(nn.Module):
             raise ValueError(
                 f"`in_channels // reduction` must be >= 1 (query/key channels), got "
                 f"in_channels={in_channels}, reduction={reduction}; use in_channels >= reduction.")
-        if fused not in (None, True, False):
-            raise ValueError(f"`fused` must be None (automatic), True or False, got {fused!r}.")
+        check_path(pam_path, "pam_path")
         self.in_channels = in_channels
         self.reduction = reduction
-        self.fused = fused
+        self.pam_path = pam_path
+        self.resolved_pam_path = resolve_path(pam_path)
         key_channels = in_channels // reduction
         self.query_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
         self.key_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
@@ -60,12 +64,15 @@ class PositionAttention(nn.Module):
         q = self.query_conv(x).flatten(2)  # (B, C', N)
         k = self.key_conv(x).flatten(2)  # (B, C', N)
         v = self.value_conv(x).flatten(2)  # (B, C, N)
-        out = position_attention_core(q, k, v, fused=resolve_fused(self.fused, q, v))
+        if self.resolved_pam_path == "official" or is_exporting():
+            out = position_attention_official(q, k, v)
+        else:
+            out = position_attention_efficient(q, k, v)
         # gamma is float32 under autocast; keep the input's dtype like CAM does.
         return (self.gamma * out.reshape(b, c, h, w) + x).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, reduction={self.reduction}, fused={self.fused}"
+        return f"in_channels={self.in_channels}, reduction={self.reduction}, pam_path={self.pam_path!r}"
 
     def attention_rows(self, x: torch.Tensor, points) -> torch.Tensor:
         """PAM's softmax rows for the query ``points`` only, never the ``N x N`` matrix.

@@ -2,9 +2,9 @@
 
 The ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``,
 translated by ``onnxscript``) is tried first; if it fails, the legacy
-TorchScript exporter (``dynamo=False`` with ``dynamic_axes``) is used. PAM's
-fused path is off while exporting (:func:`danet_torch.fused.is_exporting`), so
-the graph holds the official ``bmm`` + softmax, valid at any size. DANet's
+TorchScript exporter (``dynamo=False`` with ``dynamic_axes``) is used. PAM
+takes its official path while exporting (:func:`danet_torch.pam.is_exporting`),
+so the graph holds the official ``bmm`` + softmax, valid at any size. DANet's
 final ``F.interpolate`` to the input size stays symbolic, so an ONNX file
 exported at one size runs at others.
 

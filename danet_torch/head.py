@@ -38,14 +38,15 @@ class DualAttention(nn.Module):
             ``in_channels // 4``, as the official head).
         reduction: PAM's query/key reduction (8).
         norm_layer: Normalisation constructor (``nn.BatchNorm2d``).
-        fused: PAM's path, see :class:`PositionAttention`.
+        pam_path: PAM's path, ``"auto"``, ``"official"`` or ``"efficient"``
+            (see :class:`PositionAttention`).
 
     Shape:
         ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)``.
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, inter_channels: int | None = None,
-                 reduction: int = 8, norm_layer: NormLayer = nn.BatchNorm2d, fused: bool | None = None):
+                 reduction: int = 8, norm_layer: NormLayer = nn.BatchNorm2d, pam_path: str = "auto"):
         super().__init__()
         check_positive_int("in_channels", in_channels)
         out_channels = in_channels if out_channels is None else check_positive_int("out_channels", out_channels)
@@ -59,7 +60,7 @@ class DualAttention(nn.Module):
         self.reduction = reduction
         self.conv5a = conv_bn_relu(in_channels, inter_channels, norm_layer)
         self.conv5c = conv_bn_relu(in_channels, inter_channels, norm_layer)
-        self.sa = PositionAttention(inter_channels, reduction=reduction, fused=fused)
+        self.sa = PositionAttention(inter_channels, reduction=reduction, pam_path=pam_path)
         self.sc = ChannelAttention(inter_channels)
         self.conv51 = conv_bn_relu(inter_channels, out_channels, norm_layer)
         self.conv52 = conv_bn_relu(inter_channels, out_channels, norm_layer)
@@ -84,6 +85,8 @@ class DANetHead(DualAttention):
         num_classes: Classes of the three classifiers.
         norm_layer: Normalisation constructor (``nn.BatchNorm2d``).
         dropout: ``Dropout2d`` rate before each classifier (0.1).
+        pam_path: PAM's path, ``"auto"``, ``"official"`` or ``"efficient"``
+            (see :class:`PositionAttention`).
 
     Returns:
         ``(fused, pam, cam)`` logits, each ``(B, num_classes, H, W)``:
@@ -91,12 +94,12 @@ class DANetHead(DualAttention):
     """
 
     def __init__(self, in_channels: int, num_classes: int, norm_layer: NormLayer = nn.BatchNorm2d,
-                 reduction: int = 8, dropout: float = 0.1, fused: bool | None = None):
+                 reduction: int = 8, dropout: float = 0.1, pam_path: str = "auto"):
         check_positive_int("in_channels", in_channels, minimum=4)
         check_positive_int("num_classes", num_classes)
         inter = in_channels // 4
         super().__init__(in_channels, out_channels=inter, inter_channels=inter, reduction=reduction,
-                         norm_layer=norm_layer, fused=fused)
+                         norm_layer=norm_layer, pam_path=pam_path)
         self.num_classes, self.dropout = num_classes, float(dropout)
         self.conv6 = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(inter, num_classes, 1))
         self.conv7 = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(inter, num_classes, 1))

@@ -33,7 +33,8 @@ class DANet(nn.Module):
         multi_grid: layer4 dilations, or ``None`` for the plain dilated rule.
         norm_layer: Normalisation constructor.
         dropout: Dropout2d rate before each classifier.
-        fused: PAM's path (see :class:`~danet_torch.PositionAttention`).
+        pam_path: PAM's path, ``"auto"``, ``"official"`` or ``"efficient"``
+            (see :class:`~danet_torch.PositionAttention`).
         in_channels: Input channels (3: RGB; 1 for MRI, 4 for RGB + another band, ...).
         reduction: PAM's query/key reduction (8).
         pretrained_backbone: Path of ImageNet ResNet weights (torchvision/timm
@@ -47,7 +48,7 @@ class DANet(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "resnet101", output_stride: int = 8,
                  deep_stem: bool = False, multi_grid: Sequence[int] | None = (4, 8, 16),
-                 norm_layer=nn.BatchNorm2d, dropout: float = 0.1, fused: bool | None = None,
+                 norm_layer=nn.BatchNorm2d, dropout: float = 0.1, pam_path: str = "auto",
                  in_channels: int = 3, pretrained_backbone=None, reduction: int = 8):
         super().__init__()
         num_classes = check_positive_int("num_classes", num_classes)
@@ -56,7 +57,7 @@ class DANet(nn.Module):
         self.num_classes, self.backbone = num_classes, backbone
         self.pretrained = DilatedResNet(BACKBONES[backbone], output_stride=output_stride, deep_stem=deep_stem,
                                         multi_grid=multi_grid, norm_layer=norm_layer, in_channels=in_channels)
-        self.head = DANetHead(2048, num_classes, norm_layer=norm_layer, dropout=dropout, fused=fused,
+        self.head = DANetHead(2048, num_classes, norm_layer=norm_layer, dropout=dropout, pam_path=pam_path,
                               reduction=reduction)
         # Every constructor argument that shapes the model, under its own name (the architecture record reads them).
         self.in_channels, self.output_stride = self.pretrained.in_channels, self.pretrained.output_stride

@@ -126,9 +126,9 @@ def test_export_arguments_are_checked(kwargs, error, match, tmp_path):
 
 
 def test_export_traces_the_official_pam_path():
-    # is_exporting(): a fused PAM (N = 1600 >= 1024) still exports the official bmm + softmax,
-    # not the blocked Python loop whose block count would fix N.
-    module = randomize_(dt.PositionAttention(32, fused=True), seed=6).eval()
+    # is_exporting(): a PAM on the efficient path still exports the official bmm + softmax,
+    # not the Python loop over blocks whose block count would fix N.
+    module = randomize_(dt.PositionAttention(32, pam_path="efficient"), seed=6).eval()
     dim = torch.export.Dim.DYNAMIC
     program = torch.export.export(module, (torch.randn(2, 32, 40, 40),), dynamic_shapes=({0: dim, 2: dim, 3: dim},))
     bmm = [n for n in program.graph.nodes if n.op == "call_function" and "bmm" in str(n.target)]

@@ -13,7 +13,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import danet_keras as dk  # noqa: E402
-from danet_keras import attention as dk_attention  # noqa: E402
+from danet_keras import pam  # noqa: E402
 from parity_tests import reference as ref  # noqa: E402
 from parity_tests.tests.helpers import (check, dual_state_dict, head_state_dict, nchw, nhwc,  # noqa: E402
                                         pam_state_dict, set_torch_weights)
@@ -25,10 +25,10 @@ SHAPES = [(1, 16, 7, 5), (2, 24, 9, 11), (3, 32, 6, 13)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("fused", [False, True])
-def test_position_attention_matches_reference(shape, fused, rng):
+@pytest.mark.parametrize("pam_path", ["official", "efficient"])
+def test_position_attention_matches_reference(shape, pam_path, rng):
     x = rng.normal(0, 0.5, shape)
-    layer = dk.PositionAttention(fused=fused)
+    layer = dk.PositionAttention(pam_path=pam_path)
     layer.build(nhwc(x).shape)
     sd = pam_state_dict(rng, shape[1])
     set_torch_weights(layer, sd)
@@ -36,7 +36,7 @@ def test_position_attention_matches_reference(shape, fused, rng):
     expected = ref.position_attention(x.astype("float32"), *(sd[k] for k in (
         "query_conv.weight", "query_conv.bias", "key_conv.weight", "key_conv.bias",
         "value_conv.weight", "value_conv.bias", "gamma")))
-    check(f"PAM{shape} fused={fused}", nchw(y), expected)
+    check(f"PAM{shape} pam_path={pam_path}", nchw(y), expected)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -93,26 +93,27 @@ def test_gamma_zero_returns_input_exactly(rng):
 
 
 @pytest.mark.parametrize("hw", [(7, 9), (13, 5)])
-def test_efficient_paths_equal_plain(hw, rng, monkeypatch):
+def test_efficient_paths_equal_official(hw, rng, monkeypatch):
     b, n, cq, c = 2, hw[0] * hw[1], 4, 32
     q, k = (rng.normal(0, 1, (b, n, cq)).astype("float32") for _ in range(2))
     v = rng.normal(0, 1, (b, n, c)).astype("float32")
-    plain = keras.ops.convert_to_numpy(dk_attention.position_attention_plain(q, k, v))
+    official = keras.ops.convert_to_numpy(pam.position_attention_official(q, k, v))
     for rows in (1, 5, 17, n):
-        blocked = dk_attention.position_attention_blocked(q, k, v, rows)
-        check(f"blocked rows={rows}", keras.ops.convert_to_numpy(blocked), plain)
-    check("split_heads", keras.ops.convert_to_numpy(dk_attention.position_attention_split_heads(q, k, v)), plain)
+        blocks = pam.position_attention_blocks(q, k, v, rows)
+        check(f"blocks rows={rows}", keras.ops.convert_to_numpy(blocks), official)
+    check("kernel", keras.ops.convert_to_numpy(pam.position_attention_kernel(q, k, v)), official)
     # The layer's own efficient path, forced into several blocks.
-    monkeypatch.setattr(dk_attention, "BLOCK_ELEMENTS", n * 6)
+    monkeypatch.setattr(pam, "BLOCK_ELEMENTS", b * 6 * n)
     x = rng.normal(0, 0.5, (b, *hw, c)).astype("float32")
-    fused, official = dk.PositionAttention(fused=True), dk.PositionAttention(fused=False)
-    fused.build(x.shape)
-    official.build(x.shape)
-    official.set_weights(fused.get_weights())
-    fused.gamma.assign(np.array([0.9], "float32"))
-    official.gamma.assign(np.array([0.9], "float32"))
-    assert fused.select_path(np.zeros((b, n, cq), "float32"), np.zeros((b, n, c), "float32")) == "blocked"
-    check("PAM fused vs plain", keras.ops.convert_to_numpy(fused(x)), keras.ops.convert_to_numpy(official(x)))
+    efficient, official_layer = dk.PositionAttention(pam_path="efficient"), dk.PositionAttention(pam_path="official")
+    efficient.build(x.shape)
+    official_layer.build(x.shape)
+    official_layer.set_weights(efficient.get_weights())
+    efficient.gamma.assign(np.array([0.9], "float32"))
+    official_layer.gamma.assign(np.array([0.9], "float32"))
+    assert (efficient.resolved_pam_path, official_layer.resolved_pam_path) == ("efficient", "official")
+    check("PAM efficient vs official", keras.ops.convert_to_numpy(efficient(x)),
+          keras.ops.convert_to_numpy(official_layer(x)))
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -126,8 +127,8 @@ def test_bad_inputs_raise_clear_errors():
         dk.PositionAttention()(np.zeros((1, 4, 4, 4), "float32"))
     with pytest.raises(ValueError, match="too few"):
         dk.DualAttention()(np.zeros((1, 4, 4, 16), "float32"))
-    with pytest.raises(ValueError, match="`fused`"):
-        dk.PositionAttention(fused="yes")
+    with pytest.raises(ValueError, match="`pam_path`"):
+        dk.PositionAttention(pam_path="yes")
     with pytest.raises(ValueError, match="`reduction`"):
         dk.PositionAttention(reduction=0)
     with pytest.raises(ValueError, match="`data_format`"):

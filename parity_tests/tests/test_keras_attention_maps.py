@@ -27,8 +27,8 @@ def _ref_rows(sd, x, points, prefix=""):
                                        sd[f"{prefix}key_conv.weight"], sd[f"{prefix}key_conv.bias"], points)
 
 
-def _pam(rng, c, data_format="channels_last", fused=None):
-    layer = dk.PositionAttention(fused=fused, data_format=data_format)
+def _pam(rng, c, data_format="channels_last", pam_path="auto"):
+    layer = dk.PositionAttention(pam_path=pam_path, data_format=data_format)
     layer.build((None, c, None, None) if data_format == "channels_first" else (None, None, None, c))
     sd = pam_state_dict(rng, c)
     set_torch_weights(layer, sd)
@@ -54,17 +54,17 @@ def test_rows_of_a_full_frame_without_the_n_by_n_matrix(rng):
     check("PAM rows 128x256", _np(layer.attention_rows(nhwc(x), points)), _ref_rows(sd, x, points))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_rows_rebuild_the_layer_output_on_each_path(fused, rng):
+@pytest.mark.parametrize("pam_path", ["official", "efficient"])
+def test_rows_rebuild_the_layer_output_on_each_path(pam_path, rng):
     """The rows come from the formula, not from a path: all N rows rebuild what call returns."""
-    layer, sd = _pam(rng, 16, fused=fused)
+    layer, sd = _pam(rng, 16, pam_path=pam_path)
     layer.gamma.assign(np.array([0.8], "float32"))
     x = nhwc(rng.normal(0, 0.5, (2, 16, 6, 5))).astype("float32")
     every = [(r, c) for r in range(6) for c in range(5)]
     attention = _np(layer.attention_rows(x, every)).reshape(2, 30, 30)  # (B, N, N)
     v = _np(layer.value_conv(x)).reshape(2, 30, 16)
     rebuilt = 0.8 * np.einsum("bnm,bmc->bnc", attention, v).reshape(x.shape) + x
-    check(f"PAM(fused={fused}) from its rows", _np(layer(x)), rebuilt)
+    check(f"PAM({pam_path}) from its rows", _np(layer(x)), rebuilt)
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])

@@ -24,7 +24,7 @@ B, H, W = 2, 7, 5
 # (id, class, kwargs, input shape, output shapes, trainable, non-trainable)
 CASES = [
     ("pam", dk.PositionAttention, {}, (B, H, W, 16), [(B, H, W, 16)], 7, 0),
-    ("pam_r4", dk.PositionAttention, {"reduction": 4}, (B, H, W, 16), [(B, H, W, 16)], 7, 0),
+    ("pam_r4", dk.PositionAttention, {"reduction": 4, "pam_path": "efficient"}, (B, H, W, 16), [(B, H, W, 16)], 7, 0),
     ("cam", dk.ChannelAttention, {}, (B, H, W, 16), [(B, H, W, 16)], 1, 0),
     ("cam_nchw", dk.ChannelAttention, {"data_format": "channels_first"}, (B, 16, H, W), [(B, 16, H, W)], 1, 0),
     # 4 conv-BN-ReLU (3 trainable, 3 not each) + PAM (7) + CAM (1)

@@ -33,7 +33,7 @@ def _model():
     x = dk.DualAttention(name="dual")(inp)
     x = keras.layers.Conv2D(32, 1, name="mix")(x)
     fused, pam, cam = dk.DANetHead(4, name="head")(x)
-    sa = dk.PositionAttention(fused=True, name="pam_alone")(x)
+    sa = dk.PositionAttention(pam_path="efficient", name="pam_alone")(x)
     return keras.Model(inp, [fused, pam, cam, dk.ChannelAttention(name="cam_alone")(sa)])
 
 

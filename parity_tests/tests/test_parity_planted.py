@@ -85,9 +85,10 @@ def test_keras_batchnorm_defaults(tmp_path, monkeypatch, field, value):
 def test_pam_scaled_by_sqrt_d(tmp_path, monkeypatch):
     def scaled(q, k, v):
         energy = dk_attention._bmm(q, ops.transpose(k, (0, 2, 1))) / np.sqrt(q.shape[-1])
-        return dk_attention._bmm(dk_attention._softmax(energy), v)
+        return dk_attention._bmm(ops.softmax(energy, axis=-1), v)
 
-    monkeypatch.setattr(dk_attention, "position_attention_plain", scaled)
+    for path in ("position_attention_official", "position_attention_efficient"):
+        monkeypatch.setattr(dk_attention, path, scaled)
     # the head's PAM has 2 query channels (DualAttention's default here has 1, where sqrt(d) = 1)
     _assert_named(tmp_path, ["--components", "head", "--no-gradients"], "sa", "sa")
 

@@ -19,11 +19,11 @@ def _input(batch, channels, h, w, seed=0, dtype=torch.float32):
     return torch.from_numpy(np.random.default_rng(seed).standard_normal((batch, channels, h, w))).to(dtype)
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("pam_path", ["official", "efficient"])
 @pytest.mark.parametrize("hw", SIZES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_pam_matches_reference(batch, hw, fused):
-    pam = randomize_(PositionAttention(16, fused=fused), seed=batch).eval()
+def test_pam_matches_reference(batch, hw, pam_path):
+    pam = randomize_(PositionAttention(16, pam_path=pam_path), seed=batch).eval()
     x = _input(batch, 16, *hw)
     with torch.no_grad():
         y = pam(x)
@@ -32,7 +32,7 @@ def test_pam_matches_reference(batch, hw, fused):
                                       sd["key_conv.weight"], sd["key_conv.bias"],
                                       sd["value_conv.weight"], sd["value_conv.bias"], sd["gamma"])
     assert sd["gamma"][0] != 0
-    result = compare(f"PAM fused={fused} {hw}", to_numpy(y), expected, tolerance("float32"))
+    result = compare(f"PAM pam_path={pam_path} {hw}", to_numpy(y), expected, tolerance("float32"))
     assert result.passed, result.message()
 
 
@@ -147,7 +147,7 @@ def test_bad_input_is_refused_with_a_clear_message(make, x, match):
     (dict(in_channels=4), r"`in_channels // reduction` must be >= 1.*in_channels=4, reduction=8"),
     (dict(in_channels=0), r"`in_channels` must be an int >= 1, got 0"),
     (dict(in_channels=16, reduction=0), r"`reduction` must be an int >= 1, got 0"),
-    (dict(in_channels=16, fused="yes"), r"`fused` must be None \(automatic\), True or False, got 'yes'"),
+    (dict(in_channels=16, pam_path="yes"), r"`pam_path` must be one of 'auto', 'official', 'efficient', got 'yes'"),
 ])
 def test_bad_pam_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -42,17 +42,17 @@ def test_rows_of_a_full_frame_without_the_n_by_n_matrix():
     check("PAM rows 128x256", to_numpy(rows), _ref_rows(state_numpy(pam), to_numpy(x), points))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_rows_rebuild_the_layer_output_on_each_path(fused):
+@pytest.mark.parametrize("pam_path", ["official", "efficient"])
+def test_rows_rebuild_the_layer_output_on_each_path(pam_path):
     """The rows come from the formula, not from a path: all N rows rebuild what forward returns."""
-    pam = randomize_(dt.PositionAttention(16, fused=fused), seed=3).double().eval()
+    pam = randomize_(dt.PositionAttention(16, pam_path=pam_path), seed=3).double().eval()
     x = _input((2, 16, 6, 5), dtype=torch.float64)
     every = [(r, c) for r in range(6) for c in range(5)]
     attention = pam.attention_rows(x, every).reshape(2, 30, 30)  # (B, N, N)
     with torch.no_grad():
         v = pam.value_conv(x).flatten(2)
         rebuilt = pam.gamma * torch.bmm(v, attention.transpose(1, 2)).reshape(x.shape) + x
-        check(f"PAM(fused={fused}) from its rows", to_numpy(rebuilt), to_numpy(pam(x)), "float64")
+        check(f"PAM({pam_path}) from its rows", to_numpy(rebuilt), to_numpy(pam(x)), "float64")
 
 
 def test_cam_matrix_matches_reference_and_rebuilds_the_output():
@@ -176,7 +176,7 @@ def test_danet50_attention_maps_match_reference():
 def test_rows_on_cuda_under_autocast_and_on_the_sdpa_path(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    pam = randomize_(dt.PositionAttention(64, fused=True), seed=4).eval()
+    pam = randomize_(dt.PositionAttention(64, pam_path="efficient"), seed=4).eval()
     x = _input((2, 64, 33, 35), seed=5)
     points = border_points(33, 35)
     want = _ref_rows(state_numpy(pam), to_numpy(x), points)
@@ -189,4 +189,4 @@ def test_rows_on_cuda_under_autocast_and_on_the_sdpa_path(monkeypatch):
     with torch.no_grad():
         attention = pam.attention_rows(x, every).reshape(2, 33 * 35, 33 * 35)
         rebuilt = pam.gamma * torch.bmm(pam.value_conv(x).flatten(2), attention.transpose(1, 2)).reshape(x.shape) + x
-        check("PAM (CUDA fused path) from its rows", to_numpy(rebuilt), to_numpy(pam(x)))
+        check("PAM (CUDA efficient path: the attention kernel) from its rows", to_numpy(rebuilt), to_numpy(pam(x)))

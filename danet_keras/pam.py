@@ -1,0 +1,329 @@
+"""PAM's attention core on every Keras backend: the official path and the efficient path.
+
+``out = softmax(Q K^T) V`` (no ``1/sqrt(d)``, as upstream's
+``encoding/nn/da_att.py``) over ``N = H * W`` positions, on tokens
+``(B, N, C)``. The vocabulary and rules are those of :mod:`danet_torch.pam`:
+
+* ``"official"``: matmul + ``N x N`` softmax, as upstream.
+* ``"efficient"``: never builds the ``N x N`` matrix.
+
+  - Blocks (any backend, any device), with a custom gradient: the forward
+    pass runs over blocks of queries and keeps, per query row, only the
+    log-sum-exp of its energies besides Q, K, V and the output; the
+    backward pass runs over blocks of keys, recomputes each block's
+    attention ``P`` from them and computes ``dV = P^T dO``,
+    ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK = dS^T Q``
+    (flash attention's backward). A block has
+    ``B * rows * N <= BLOCK_ELEMENTS`` attention elements (the same rule
+    and value as ``danet_torch``). In float16/bfloat16, energies, softmax
+    statistics and the ``dQ`` sum are float32; the products with V and dO
+    run in the input dtype.
+    TensorFlow and JAX: one ``keras.ops`` implementation under
+    ``keras.ops.custom_gradient``, the blocks in a ``scan`` (one block live
+    at a time, XLA and TensorFlow graphs included). Keras' torch backend:
+    a ``torch.autograd.Function`` with the same math that reuses its
+    buffers in place (``_pam_torch``), as ``keras.ops`` cannot.
+  - float16/bfloat16 on a GPU (JAX, torch backends):
+    ``keras.ops.dot_product_attention(scale=1)`` with V split into heads of
+    q/k's width that share q and k (flash/cuDNN kernels need one head size).
+
+* ``"auto"`` is resolved once, when a layer is constructed
+  (:func:`resolve_path`): ``"efficient"`` unless the environment variable
+  ``DANET_PAM_PATH`` (read once, at import) says ``official`` or
+  ``efficient``; ``DANET_FUSED_ATTN=0`` is still read as ``official``.
+
+A TensorFlow graph traced with unknown spatial sizes (exports, or ``fit`` on
+inputs of changing size) runs the official computation; an unknown batch
+size alone keeps the blocks, sized in the graph.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+from keras import ops
+
+from .layers import backend_result_type
+
+__all__ = [
+    "PAM_PATHS",
+    "BLOCK_ELEMENTS",
+    "resolve_path",
+    "check_path",
+    "path_from_legacy",
+    "block_rows",
+    "bmm",
+    "position_attention",
+    "position_attention_official",
+    "position_attention_efficient",
+    "position_attention_blocks",
+    "position_attention_kernel",
+]
+
+PAM_PATHS = ("auto", "official", "efficient")
+# Attention elements per block of queries or keys, B * rows * N (16 MiB in
+# float32); danet_torch.pam uses the same rule and value.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _env_path() -> str:
+    value = os.environ.get("DANET_PAM_PATH", "").strip().lower()
+    if not value and os.environ.get("DANET_FUSED_ATTN", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "official"
+    return value or "auto"
+
+
+# Read once, at import; "auto" layers resolve against it when constructed.
+ENV_PATH = _env_path()
+
+
+def check_path(value, name: str = "path") -> str:
+    """Return ``value`` if it is one of :data:`PAM_PATHS`, else raise ``ValueError``."""
+    if not isinstance(value, str) or value not in PAM_PATHS:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, PAM_PATHS))}, got {value!r}.")
+    return value
+
+
+def resolve_path(path: str = "auto") -> str:
+    """``"official"`` or ``"efficient"``: ``path`` itself, or for ``"auto"`` the environment's choice."""
+    if check_path(path) != "auto":
+        return path
+    if ENV_PATH not in PAM_PATHS:
+        raise ValueError(f"The environment variable `DANET_PAM_PATH` must be one of "
+                         f"{', '.join(map(repr, PAM_PATHS))}, got {ENV_PATH!r}.")
+    return "efficient" if ENV_PATH == "auto" else ENV_PATH
+
+
+def path_from_legacy(path: str, kwargs: dict, name: str = "path") -> str:
+    """Map an old config's ``fused`` (``True``/``False``/``None``) onto ``path``; pops it from ``kwargs``."""
+    if "fused" not in kwargs:
+        return path
+    fused = kwargs.pop("fused")
+    legacy = {None: "auto", True: "efficient", False: "official"}
+    if fused not in legacy:
+        raise ValueError(f"`fused` (the old name of `{name}`) must be None, True or False, got {fused!r}; "
+                         f"pass `{name}` as one of {', '.join(map(repr, PAM_PATHS))}.")
+    if path != "auto" and path != legacy[fused]:
+        raise ValueError(f"Got both `{name}`={path!r} and the old `fused`={fused!r}; pass `{name}` only.")
+    return legacy[fused]
+
+
+def block_rows(batch, n):
+    """Rows (queries or keys) per block: ``batch * rows * n <= BLOCK_ELEMENTS``, at least 1, at most ``n``.
+
+    Python ints give an int; scalar tensors (a TensorFlow graph with unknown
+    sizes) give a scalar tensor.
+    """
+    if isinstance(batch, int) and isinstance(n, int):
+        return max(1, min(n, BLOCK_ELEMENTS // max(1, batch * n)))
+    return ops.maximum(1, ops.minimum(n, BLOCK_ELEMENTS // ops.maximum(1, batch * n)))
+
+
+def bmm(a, b):
+    """Batched ``a @ b``. float64 goes through ``einsum``: Keras 3.15's torch
+    backend computes ``ops.matmul`` of float64 inputs in float32
+    (``BIT64_TO_BIT32_DTYPE`` in its type promotion)."""
+    if keras.backend.standardize_dtype(a.dtype) == "float64":
+        return ops.einsum("bij,bjk->bik", a, b)
+    return ops.matmul(a, b)
+
+
+def position_attention_official(q, k, v):
+    """Official PAM core: ``(B, N, C'), (B, N, C'), (B, N, C) -> (B, N, C)``, no scaling.
+
+    The softmax runs in float32 (float64 stays); the result has ``v``'s dtype.
+    """
+    energy = bmm(q, ops.transpose(k, (0, 2, 1)))  # (B, N, N)
+    attention = ops.cast(ops.softmax(ops.cast(energy, backend_result_type(q.dtype)), axis=-1), q.dtype)
+    return bmm(attention, v)
+
+
+def _sizes(x):
+    """``(B, N)`` of ``(B, N, C)``: ints where static, scalar tensors where not (TensorFlow graphs)."""
+    shape = ops.shape(x)
+    return tuple(x.shape[i] if isinstance(x.shape[i], int) else shape[i] for i in (0, 1))
+
+
+def _split(x, blocks, rows):
+    """``(B, N, C)`` -> ``(blocks, B, rows, C)``, zero rows appended up to ``blocks * rows``."""
+    b, n = _sizes(x)
+    pad = blocks * rows - n
+    if not isinstance(pad, int) or pad:
+        x = ops.concatenate([x, ops.zeros((b, pad, x.shape[-1]), x.dtype)], axis=1)
+    return ops.transpose(ops.reshape(x, (b, blocks, rows, x.shape[-1])), (1, 0, 2, 3))
+
+
+def _merge(x, n):
+    """``(blocks, B, rows, C)`` -> ``(B, N, C)``, the appended rows dropped."""
+    shape = ops.shape(x)
+    x = ops.reshape(ops.transpose(x, (1, 0, 2, 3)), (shape[1], shape[0] * shape[2], x.shape[-1]))
+    return x if isinstance(n, int) and x.shape[1] == n else x[:, :n]
+
+
+def _scan(step, carry, xs, ys_dtypes):
+    """``keras.ops.scan(step, carry, xs)`` over the leading axis of the tensors in ``xs`` (a tuple).
+
+    ``step(carry, x) -> (carry, ys)``, one block at a time. On TensorFlow a
+    ``tf.while_loop`` with ``parallel_iterations=1`` (a graph would otherwise
+    run up to 10 iterations at once, each with its own attention tiles) and a
+    ``TensorArray`` per output (Keras 3.15's TensorFlow ``scan`` gives its
+    outputs the carry's shapes and dtypes).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return ops.scan(step, carry, xs)
+    import tensorflow as tf
+
+    n = tf.shape(xs[0])[0]
+    arrays = tuple(tf.TensorArray(dtype, size=n) for dtype in ys_dtypes)
+
+    def body(i, carry, arrays):
+        carry, ys = step(carry, tuple(x[i] for x in xs))
+        return i + 1, carry, tuple(a.write(i, y) for a, y in zip(arrays, ys))
+
+    _, carry, arrays = tf.while_loop(lambda i, *_: i < n, body, (0, carry, arrays), parallel_iterations=1)
+    return carry, tuple(a.stack() for a in arrays)
+
+
+def _blocks_forward(q, k, v, rows):
+    """``(out (B, N, C), lse (B, N, 1))``, one block of ``rows`` queries at a time."""
+    b, n = _sizes(q)
+    stat, dtype = backend_result_type(q.dtype), v.dtype
+    ks = ops.cast(k, stat)
+
+    def step(carry, x):
+        energy = ops.einsum("brc,bnc->brn", x[0], ks)  # (B, rows, N), float32 (float64 stays)
+        p = ops.softmax(energy, axis=-1)
+        # log-sum-exp = max(E) + log(sum(exp(E - max))) = max(E) - log(max(P)): two reductions, no tile.
+        lse = ops.max(energy, axis=-1, keepdims=True) - ops.log(ops.max(p, axis=-1, keepdims=True))
+        return carry, (ops.cast(ops.einsum("brn,bnc->brc", ops.cast(p, dtype), v), dtype), lse)
+
+    blocks = (n + rows - 1) // rows
+    _, (out, lse) = _scan(step, ops.zeros((), stat), (_split(ops.cast(q, stat), blocks, rows),), (dtype, stat))
+    return _merge(out, n), _merge(lse, n)
+
+
+def _blocks_backward(q, k, v, out, lse, dout, rows):
+    """``(dq, dk, dv)`` recomputed from ``(q, k, v, out, lse)``, one block of ``rows`` keys at a time.
+
+    Blocks of keys make ``dV_j = P_j^T dO`` and ``dK_j = dS_j^T Q`` sums over
+    all ``N`` queries (one large product each) and leave only the narrow
+    ``dQ`` (``C'`` columns) to accumulate. ``P = exp(Q K^T - lse)`` and
+    ``dO V^T - rowsum(dO * O)`` are each one matmul: ``-lse`` and
+    ``-rowsum(dO * O)`` ride as an extra column of Q and dO against a column
+    of ones appended to K and V (zero on the keys appended to fill the last
+    block, which therefore add nothing to ``dQ``).
+    """
+    b, n = _sizes(q)
+    stat, dtype = backend_result_type(q.dtype), q.dtype
+    dout = ops.cast(dout, dtype)
+    delta = ops.sum(ops.cast(dout, stat) * ops.cast(out, stat), axis=-1, keepdims=True)  # rowsum(dO * O)
+    ones = ops.ones((b, n, 1), stat)
+    qa = ops.concatenate([ops.cast(q, stat), -lse], axis=-1)  # (B, N, C' + 1)
+    doa = ops.concatenate([dout, ops.cast(-delta, dtype)], axis=-1)  # (B, N, C + 1)
+    blocks = (n + rows - 1) // rows
+    xs = (_split(ops.concatenate([ops.cast(k, stat), ones], axis=-1), blocks, rows),  # (blocks, B, rows, C' + 1)
+          _split(ops.concatenate([v, ops.cast(ones, dtype)], axis=-1), blocks, rows),  # (blocks, B, rows, C + 1)
+          _split(k, blocks, rows))
+
+    def step(dq, x):
+        ka, va, kb = x
+        p = ops.exp(ops.einsum("bnc,bjc->bnj", qa, ka))  # (B, N, rows)
+        dv = ops.einsum("bnj,bnc->bjc", ops.cast(p, dtype), dout)  # P^T dO
+        ds = ops.cast(p * ops.cast(ops.einsum("bnc,bjc->bnj", doa, va), stat), dtype)  # P (dO V^T - delta)
+        dk = ops.einsum("bnj,bnc->bjc", ds, q)  # dS^T Q
+        return dq + ops.cast(ops.einsum("bnj,bjc->bnc", ds, kb), stat), (dk, dv)  # dQ += dS K
+
+    dq, (dk, dv) = _scan(step, ops.zeros((b, n, q.shape[-1]), stat), xs, (k.dtype, v.dtype))
+    return ops.cast(dq, q.dtype), _merge(dk, n), _merge(dv, n)
+
+
+def position_attention_blocks(q, k, v, rows=None):
+    """The official function over blocks of ``rows`` queries (keys in the backward pass).
+
+    Args:
+        q, k: ``(B, N, C')``. v: ``(B, N, C)``.
+        rows: Rows per block (default :func:`block_rows`).
+
+    Returns:
+        ``(B, N, C)``.
+    """
+    b, n = _sizes(q)
+    if rows is None:
+        rows = block_rows(b, n)
+    elif isinstance(n, int):
+        rows = max(1, min(int(rows), n))
+    if keras.backend.backend() == "torch":
+        from ._pam_torch import position_attention_blocks_torch
+
+        return position_attention_blocks_torch(*(ops.convert_to_tensor(t) for t in (q, k, v)), rows)
+
+    @ops.custom_gradient
+    def attend(q, k, v):
+        out, lse = _blocks_forward(q, k, v, rows)
+        saved = ops.stop_gradient(out)  # torch backend: no reference cycle through the output
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return _blocks_backward(q, k, v, saved, lse, upstream, rows)
+
+        return out, grad
+
+    return attend(q, k, v)
+
+
+def position_attention_kernel(q, k, v):
+    """The same function with ``keras.ops.dot_product_attention(scale=1)``.
+
+    V ``(B, N, C)`` is split into ``C // C'`` heads of width ``C'`` that all
+    use the same q and k; requires ``C % C' == 0``.
+    """
+    cq, c = q.shape[-1], v.shape[-1]
+    heads = c // cq
+    shape = ops.shape(v)
+    vh = ops.reshape(v, (shape[0], shape[1], heads, cq))
+    qh = ops.repeat(ops.expand_dims(q, 2), heads, axis=2)
+    kh = ops.repeat(ops.expand_dims(k, 2), heads, axis=2)
+    out = ops.dot_product_attention(qh, kh, vh, scale=1.0)
+    return ops.reshape(out, shape)
+
+
+def _gpu_available() -> bool:
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            return jax.devices()[0].platform == "gpu"
+        if backend == "torch":
+            import torch
+
+            return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - device query failures mean "no GPU"
+        return False
+    return False
+
+
+def position_attention_efficient(q, k, v):
+    """The efficient path: the attention kernel for half precision on a GPU, else blocks.
+
+    A TensorFlow graph traced with unknown spatial sizes (``N`` is ``None``:
+    exports such as SavedModel and ONNX, or ``fit`` on inputs of changing
+    size) runs the official computation, as ``danet_torch`` does while
+    exporting: the graph then holds plain matmuls and a softmax that run at
+    any size. An unknown batch size alone keeps the blocks.
+    """
+    half = keras.backend.standardize_dtype(q.dtype) in ("float16", "bfloat16")
+    if half and v.shape[-1] % q.shape[-1] == 0 and _gpu_available():
+        return position_attention_kernel(q, k, v)
+    if not isinstance(q.shape[1], int):
+        return position_attention_official(q, k, v)
+    return position_attention_blocks(q, k, v)
+
+
+def position_attention(q, k, v, path: str = "efficient"):
+    """``(B, N, C'), (B, N, C'), (B, N, C) -> (B, N, C)`` on ``path`` (``"auto"`` is resolved here)."""
+    if resolve_path(path) == "official":
+        return position_attention_official(q, k, v)
+    return position_attention_efficient(q, k, v)

@@ -1,0 +1,249 @@
+"""PAM's attention core: the official path and the efficient path, side by side.
+
+``out = V softmax(Q^T K)^T`` (no ``1/sqrt(d)``, as upstream's
+``encoding/nn/da_att.py``) with ``N = H * W`` positions. Two paths compute
+it; :class:`~danet_torch.PositionAttention` takes ``pam_path=``:
+
+* ``"official"``: upstream's ``bmm`` + ``N x N`` softmax. The ``N x N``
+  attention is 324 MiB per image in float32 at a 96 x 96 feature map.
+* ``"efficient"``: never builds the ``N x N`` matrix.
+
+  - Blocks, on any device, in a :class:`torch.autograd.Function`: the
+    forward pass runs over blocks of queries and keeps, per query row, only
+    the log-sum-exp of its energies besides Q, K, V and the output; the
+    backward pass runs over blocks of keys, recomputes each block's
+    attention ``P`` from them and computes ``dV = P^T dO``,
+    ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK = dS^T Q``
+    (flash attention's backward). A block has
+    ``B * rows * N <= BLOCK_ELEMENTS`` attention elements; the forward pass
+    reuses one such buffer, the backward pass two (``P`` and ``dS``). In
+    float16/bfloat16, energies, softmax statistics and the ``dQ`` sum are
+    float32; the products with V and dO run in the input dtype.
+  - CUDA, float16/bfloat16: ``scaled_dot_product_attention(scale=1.0)``
+    with V split into heads of q/k's width that share q and k (flash and
+    cuDNN kernels need one head size), and its own backward.
+
+* ``"auto"`` (the default) is resolved once, when a layer is built
+  (:func:`resolve_path`, as timm's ``use_fused_attn()``): ``"efficient"``,
+  unless the environment variable ``DANET_PAM_PATH`` (read once, at import)
+  says ``official`` or ``efficient``; ``DANET_FUSED_ATTN=0`` is still read
+  as ``official``.
+
+While exporting (ONNX, TorchScript, ``torch.export``; checked on every call)
+the official path is used whatever the layer's path: a Python loop whose
+block count depends on ``N`` does not belong in an exported graph.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PAM_PATHS",
+    "BLOCK_ELEMENTS",
+    "resolve_path",
+    "check_path",
+    "block_rows",
+    "is_exporting",
+    "position_attention",
+    "position_attention_official",
+    "position_attention_efficient",
+    "position_attention_blocks",
+    "position_attention_kernel",
+]
+
+PAM_PATHS = ("auto", "official", "efficient")
+# Attention elements per block of queries or keys, B * rows * N (16 MiB in
+# float32); danet_keras.pam uses the same rule and value.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _env_path() -> str:
+    value = os.environ.get("DANET_PAM_PATH", "").strip().lower()
+    if not value and os.environ.get("DANET_FUSED_ATTN", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "official"
+    return value or "auto"
+
+
+# Read once, at import; "auto" layers resolve against it when built.
+ENV_PATH = _env_path()
+
+
+def check_path(value, name: str = "path") -> str:
+    """Return ``value`` if it is one of :data:`PAM_PATHS`, else raise ``ValueError``."""
+    if not isinstance(value, str) or value not in PAM_PATHS:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, PAM_PATHS))}, got {value!r}.")
+    return value
+
+
+def resolve_path(path: str = "auto") -> str:
+    """``"official"`` or ``"efficient"``: ``path`` itself, or for ``"auto"`` the environment's choice."""
+    if check_path(path) != "auto":
+        return path
+    if ENV_PATH not in PAM_PATHS:
+        raise ValueError(f"The environment variable `DANET_PAM_PATH` must be one of "
+                         f"{', '.join(map(repr, PAM_PATHS))}, got {ENV_PATH!r}.")
+    return "efficient" if ENV_PATH == "auto" else ENV_PATH
+
+
+def block_rows(batch: int, n: int) -> int:
+    """Rows (queries or keys) per block: ``batch * rows * n <= BLOCK_ELEMENTS``, at least 1, at most ``n``."""
+    return max(1, min(n, BLOCK_ELEMENTS // max(1, batch * n)))
+
+
+def is_exporting() -> bool:
+    """True while tracing for ONNX, TorchScript or ``torch.export``."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting())
+
+
+def position_attention_official(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The official computation: ``(B, C', N), (B, C', N), (B, C, N) -> (B, C, N)``."""
+    energy = torch.bmm(q.transpose(1, 2), k)  # (B, N, N), no 1/sqrt(d)
+    attention = torch.softmax(energy, dim=-1)
+    return torch.bmm(v, attention.transpose(1, 2))
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b``, accumulated in ``acc``'s dtype."""
+    if acc.dtype == a.dtype:
+        acc.baddbmm_(a, b)
+    else:
+        acc.add_(torch.bmm(a, b))
+
+
+def _blocks_forward(q, k, v, rows: int):
+    """``(out (B, C, N), lse (B, N, 1))``; energies in float32 (float64 stays), one buffer reused."""
+    b, _, n = q.shape
+    stat = _stat_dtype(q.dtype)
+    qt, ks, vt = q.transpose(1, 2).to(stat), k.to(stat), v.transpose(1, 2)  # (B, N, C'), (B, C', N), (B, N, C)
+    out = v.new_empty(b, n, v.shape[1])
+    lse = torch.empty(b, n, 1, dtype=stat, device=q.device)
+    buffer = torch.empty(b * rows * n, dtype=stat, device=q.device)
+    for start in range(0, n, rows):
+        r = min(rows, n - start)
+        e = torch.bmm(qt[:, start:start + r], ks, out=buffer[: b * r * n].view(b, r, n))  # (B, r, N)
+        top = e.amax(dim=-1, keepdim=True)
+        p = e.sub_(top).exp_()  # unnormalised probabilities, in place
+        total = p.sum(dim=-1, keepdim=True)
+        blk = out[:, start:start + r]
+        if blk.dtype == stat:  # normalise (r, C) after the product, not (r, N) before it
+            torch.bmm(p, vt, out=blk).div_(total)
+        else:
+            blk.copy_(torch.bmm(p.to(v.dtype), vt).to(stat).div_(total))
+        lse[:, start:start + r] = top + total.log()
+    return out.transpose(1, 2), lse
+
+
+def _blocks_backward(q, k, v, out, lse, dout, rows: int):
+    """``(dq, dk, dv)`` from the saved ``(q, k, v, out, lse)``, one block of ``rows`` keys at a time.
+
+    Blocks of keys make ``dV_j = P_j^T dO`` and ``dK_j = dS_j^T Q`` products
+    over all ``N`` queries, written once, and leave only the narrow ``dQ``
+    (``C'`` columns) to accumulate. ``Q^T K_j - lse`` and
+    ``dO V_j^T - rowsum(dO * O)`` are each one ``baddbmm``.
+    """
+    b, ck, n = q.shape
+    stat, dtype = _stat_dtype(q.dtype), q.dtype
+    dot = dout.transpose(1, 2).to(dtype)  # (B, N, C)
+    neg_delta = -(dot.to(stat) * out.transpose(1, 2).to(stat)).sum(dim=-1, keepdim=True)  # -rowsum(dO * O)
+    qt, kt, ks = q.transpose(1, 2), k.transpose(1, 2), k.to(stat)  # (B, N, C'), (B, N, C'), (B, C', N)
+    qs = qt.to(stat)
+    dq = torch.zeros(b, n, ck, dtype=stat, device=q.device)
+    dk, dv = k.new_empty(b, n, ck), v.new_empty(b, n, v.shape[1])
+    buffers = [torch.empty(b * n * rows, dtype=stat, device=q.device) for _ in range(2)]  # P, dS
+    for start in range(0, n, rows):
+        r = min(rows, n - start)
+        p = torch.baddbmm(-lse, qs, ks[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r)).exp_()
+        pm = p.to(dtype)  # P_j (B, N, r)
+        torch.bmm(pm.transpose(1, 2), dot, out=dv[:, start:start + r])  # dV_j = P_j^T dO
+        vb = v[:, :, start:start + r]  # (B, C, r)
+        if dtype == stat:  # dS_j = P_j * (dO V_j^T - delta), in place
+            ds = torch.baddbmm(neg_delta, dot, vb, out=buffers[1][: b * n * r].view(b, n, r)).mul_(p)
+        else:
+            ds = torch.bmm(dot, vb).to(stat).add_(neg_delta).mul_(p).to(dtype)
+        torch.bmm(ds.transpose(1, 2), qt, out=dk[:, start:start + r])  # dK_j = dS_j^T Q
+        _add_bmm(dq, ds, kt[:, start:start + r])  # dQ += dS_j K_j
+    return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+class _PositionAttentionBlocks(torch.autograd.Function):
+    """Blocks of queries; saves ``q, k, v, out`` and the per-row log-sum-exp only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rows):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out, lse = _blocks_forward(q, k, v, rows)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            dq, dk, dv = _blocks_backward(q, k, v, out, lse, dout, ctx.rows)
+        return dq, dk, dv, None
+
+
+def position_attention_blocks(q, k, v, rows: int | None = None) -> torch.Tensor:
+    """The official function over blocks of ``rows`` queries (keys in the backward pass).
+
+    Args:
+        q, k: ``(B, C', N)``. v: ``(B, C, N)``.
+        rows: Rows per block (default :func:`block_rows`).
+
+    Returns:
+        ``(B, C, N)``, a view of a ``(B, N, C)`` tensor.
+    """
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if rows is None:
+        rows = block_rows(q.shape[0], q.shape[-1])
+    return _PositionAttentionBlocks.apply(q, k, v, max(1, min(int(rows), q.shape[-1])))
+
+
+def position_attention_kernel(q, k, v) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with ``scale=1.0`` (the official PAM has none).
+
+    In float16/bfloat16 with ``C % C' == 0`` and ``C'`` in 32, 64, 128, 256,
+    V is split into ``C // C'`` heads of width ``C'`` that share q and k.
+    """
+    b, ck, n = q.shape
+    c = v.shape[1]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N, C'), (B, N, C)
+    if q.dtype in (torch.float16, torch.bfloat16) and c % ck == 0 and ck in (32, 64, 128, 256):
+        heads = c // ck
+        qh = qt.unsqueeze(1).expand(b, heads, n, ck).contiguous()
+        kh = kt.unsqueeze(1).expand(b, heads, n, ck).contiguous()
+        vh = vt.reshape(b, n, heads, ck).transpose(1, 2).contiguous()
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=1.0)  # (B, heads, N, ck)
+        return out.transpose(1, 2).reshape(b, n, c).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        qt.unsqueeze(1).contiguous(), kt.unsqueeze(1).contiguous(), vt.unsqueeze(1).contiguous(), scale=1.0)
+    return out.squeeze(1).transpose(1, 2)
+
+
+def position_attention_efficient(q, k, v) -> torch.Tensor:
+    """The efficient path: the attention kernel on CUDA in half precision, else blocks of queries."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return position_attention_kernel(q, k, v)
+    return position_attention_blocks(q, k, v)
+
+
+def position_attention(q, k, v, path: str = "efficient") -> torch.Tensor:
+    """``(B, C', N), (B, C', N), (B, C, N) -> (B, C, N)`` on ``path`` (``"auto"`` is resolved here)."""
+    if resolve_path(path) == "official" or is_exporting():
+        return position_attention_official(q, k, v)
+    return position_attention_efficient(q, k, v)

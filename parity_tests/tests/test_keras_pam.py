@@ -1,0 +1,306 @@
+"""danet_keras.pam on the current Keras backend: the efficient path equals the official one, values and
+gradients (input, q/k/v kernels and biases, gamma); old ``fused`` configs still load; the path vocabulary.
+
+The official path (matmul + softmax under the backend's autodiff) is the
+reference for the efficient path's custom gradient; it is itself checked
+against the float64 NumPy reference in ``test_keras_attention.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import danet_keras as dk  # noqa: E402
+from danet_keras import pam  # noqa: E402
+from parity_tests import reference as ref  # noqa: E402
+from parity_tests.keras_grad import keras_loss_and_grads  # noqa: E402
+from parity_tests.tests.helpers import check, nchw, nhwc, pam_state_dict, set_torch_weights  # noqa: E402
+from weights_convert.tolerances import tolerance  # noqa: E402
+
+pytestmark = pytest.mark.keras
+BACKEND = keras.backend.backend()
+
+
+@contextlib.contextmanager
+def _dtype_enabled(dtype):
+    """JAX computes float64 only with 64-bit arrays switched on; other backends always do."""
+    if BACKEND == "jax" and dtype == "float64":
+        import jax
+
+        with jax.enable_x64(True):
+            yield
+    else:
+        yield
+
+
+def _core_grads(fn, q, k, v, weight):
+    """``[out, dq, dk, dv]`` of ``sum(fn(q, k, v) * weight)`` as NumPy, on the current backend."""
+    ops = keras.ops
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        q, k, v = (tf.convert_to_tensor(t) for t in (q, k, v))
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            y = fn(q, k, v)
+            loss = tf.reduce_sum(y * weight)
+        grads = [y] + tape.gradient(loss, [q, k, v])
+    elif BACKEND == "jax":
+        import jax
+
+        grads = [fn(q, k, v)] + list(jax.jit(jax.grad(lambda *t: ops.sum(fn(*t) * weight), argnums=(0, 1, 2)))(
+            q, k, v))
+    else:
+        import torch
+
+        q, k, v = (torch.tensor(t, requires_grad=True) for t in (q, k, v))
+        y = fn(q, k, v)
+        (y * torch.tensor(weight)).sum().backward()
+        grads = [y, q.grad, k.grad, v.grad]
+    return [np.asarray(ops.convert_to_numpy(g)) for g in grads]
+
+
+# (N, rows): one block, several full blocks, a last block that is not full, one row per block.
+BLOCKINGS = [(63, 64), (64, 16), (63, 10), (45 * 45, 256), (7, 1)]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("n, rows", BLOCKINGS)
+def test_blocks_equal_official_values_and_gradients(n, rows, dtype, rng):
+    q, k = (rng.standard_normal((2, n, 4)).astype(dtype) for _ in range(2))
+    v, weight = (rng.standard_normal((2, n, 12)).astype(dtype) for _ in range(2))
+    with _dtype_enabled(dtype):
+        official = _core_grads(pam.position_attention_official, q, k, v, weight)
+        blocks = _core_grads(lambda *t: pam.position_attention_blocks(*t, rows=rows), q, k, v, weight)
+    assert all(g.dtype == np.dtype(dtype) for g in blocks)
+    check(f"blocks n={n} rows={rows} output", blocks[0], official[0], dtype)
+    for name, got, expected in zip(("dq", "dk", "dv"), blocks[1:], official[1:]):
+        check(f"blocks n={n} rows={rows} {name}", got, expected, dtype, "grad")
+
+
+def test_kernel_path_equals_official(rng):
+    q, k = (rng.standard_normal((2, 63, 4)).astype("float32") for _ in range(2))
+    v = rng.standard_normal((2, 63, 32)).astype("float32")
+    expected = keras.ops.convert_to_numpy(pam.position_attention_official(q, k, v))
+    check("kernel path", keras.ops.convert_to_numpy(pam.position_attention_kernel(q, k, v)), expected)
+
+
+def _layer_pair(shape, dtype, rng):
+    """An official and an efficient PAM with the same random weights (gamma 0.9)."""
+    layers = {}
+    for path in ("official", "efficient"):
+        layer = dk.PositionAttention(pam_path=path, dtype=dtype)
+        layer.build(shape)
+        layers[path] = layer
+    layers["efficient"].set_weights([w + rng.normal(0, 0.1, w.shape).astype(w.dtype) if w.shape != (1,)
+                                     else np.full((1,), 0.9, w.dtype) for w in layers["efficient"].get_weights()])
+    layers["official"].set_weights(layers["efficient"].get_weights())
+    return layers
+
+
+def _check_layer_gradients(label, layers, x, weight, dtype):
+    results = {path: keras_loss_and_grads(layer, x, [weight]) for path, layer in layers.items()}
+    (out_o, dx_o, g_o), (out_e, dx_e, g_e) = results["official"], results["efficient"]
+    check(f"{label} output", out_e[0], out_o[0], dtype)
+    check(f"{label} d/dx", dx_e, dx_o, dtype, "grad")
+    pairs = {v_o.path.split("/", 1)[-1]: (g_o[id(v_o)], g_e[id(v_e)]) for v_o, v_e in zip(
+        layers["official"].trainable_variables, layers["efficient"].trainable_variables)}
+    assert sorted(pairs) == ["gamma", "key_conv/bias", "key_conv/kernel", "query_conv/bias", "query_conv/kernel",
+                             "value_conv/bias", "value_conv/kernel"]
+    for name, (official, efficient) in pairs.items():
+        if name != "key_conv/bias":
+            check(f"{label} d/d{name}", efficient, official, dtype, "grad")
+    # d/d key_conv.bias is 0 in exact arithmetic (one constant added to every key's energy leaves the
+    # softmax unchanged): on both paths it is rounding noise, checked against 0 at the key kernel's scale.
+    tol = tolerance(dtype, "grad")
+    bound = tol.atol + tol.rtol * np.abs(pairs["key_conv/kernel"][0]).max()
+    assert max(np.abs(g).max() for g in pairs["key_conv/bias"]) <= bound
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("hw", [(33, 35), (9, 7), (1, 1)])
+def test_layer_efficient_equals_official_for_every_gradient(hw, dtype, rng, monkeypatch):
+    monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 150 * hw[0] * hw[1])  # 8 blocks, the last one partial, at 33x35
+    x = rng.normal(0, 0.5, (2, *hw, 16)).astype(dtype)
+    weight = rng.standard_normal(x.shape).astype(dtype)
+    with _dtype_enabled(dtype):
+        layers = _layer_pair(x.shape, dtype, rng)
+        _check_layer_gradients(f"PAM {hw} {dtype}", layers, x, weight, dtype)
+
+
+def test_none_spatial_sizes_in_a_functional_model(rng, monkeypatch):
+    monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 40 * 13 * 11)
+    models = {}
+    for path in ("official", "efficient"):
+        inp = keras.Input((None, None, 16))
+        models[path] = keras.Model(inp, dk.PositionAttention(pam_path=path, name="sa")(inp))
+    models["efficient"].set_weights([w + 0.3 for w in models["efficient"].get_weights()])
+    models["official"].set_weights(models["efficient"].get_weights())
+    for hw in ((13, 11), (6, 9)):
+        x = rng.normal(0, 0.5, (2, *hw, 16)).astype("float32")
+        _check_layer_gradients(f"functional PAM {hw}", models, x, rng.standard_normal(x.shape).astype("float32"),
+                               "float32")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="only TensorFlow traces graphs with unknown sizes "
+                                                     "(JAX and torch always see the call's sizes)")
+@pytest.mark.parametrize("spatial, blocks_expected", [((13, 11), True), ((None, None), False)])
+def test_tensorflow_graph_with_unknown_sizes(spatial, blocks_expected, rng, monkeypatch):
+    """Unknown batch: the blocks, sized in the graph. Unknown H, W (exports): the official computation."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 40 * 13 * 11)  # several blocks at batch 2
+    calls = []
+    blocks = pam.position_attention_blocks
+    monkeypatch.setattr(pam, "position_attention_blocks", lambda *t, **kw: calls.append(1) or blocks(*t, **kw))
+    layers = _layer_pair((None, None, None, 16), "float32", rng)
+    x = rng.normal(0, 0.5, (2, 13, 11, 16)).astype("float32")
+    results = {}
+    for path, layer in layers.items():
+        @tf.function(input_signature=[tf.TensorSpec((None, *spatial, 16), tf.float32)] * 2)
+        def step(x, w, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x)
+                loss = tf.reduce_sum(y * w)
+            return [y] + tape.gradient(loss, [x] + layer.trainable_variables)
+        results[path] = [t.numpy() for t in step(x, np.ones_like(x) * 0.5)]
+    assert bool(calls) == blocks_expected
+    names = ["output", "d/dx"] + [v.path.split("/", 1)[-1] for v in layers["official"].trainable_variables]
+    for name, got, expected in zip(names, results["efficient"], results["official"]):
+        if name != "key_conv/bias":  # rounding noise around 0 on both paths (see _check_layer_gradients)
+            check(f"tf.function {spatial}, {name}", got, expected, "float32", "layer" if name == "output" else "grad")
+
+
+def test_efficient_layer_under_mixed_bfloat16(rng):
+    x = rng.normal(0, 0.5, (1, 16, 12, 10))
+    sd = pam_state_dict(rng, 16)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        layer = dk.PositionAttention(pam_path="efficient")
+        layer.build(nhwc(x).shape)
+        set_torch_weights(layer, sd)
+        out, dx, grads = keras_loss_and_grads(layer, nhwc(x).astype("float32"), [np.ones(nhwc(x).shape)])
+    finally:
+        keras.config.set_dtype_policy(previous)
+    expected = ref.position_attention(x, *(sd[k] for k in (
+        "query_conv.weight", "query_conv.bias", "key_conv.weight", "key_conv.bias",
+        "value_conv.weight", "value_conv.bias", "gamma")))
+    check("efficient PAM, mixed_bfloat16", nchw(out[0]), expected, "bfloat16")
+    assert np.isfinite(dx).all() and all(np.isfinite(g).all() for g in grads.values())
+
+
+def test_efficient_layer_takes_the_blocks_path(rng, monkeypatch):
+    calls = []
+    blocks = pam.position_attention_blocks
+    monkeypatch.setattr(pam, "position_attention_blocks", lambda *t, **kw: calls.append(1) or blocks(*t, **kw))
+    x = rng.normal(0, 0.5, (1, 5, 6, 16)).astype("float32")
+    dk.PositionAttention(pam_path="official")(x)
+    assert not calls
+    dk.PositionAttention(pam_path="efficient")(x)
+    assert calls == [1]
+
+
+# --- the vocabulary: pam_path, "auto" resolved once, old ``fused`` configs --------------------------------
+
+
+def test_auto_is_resolved_once_at_construction(monkeypatch):
+    monkeypatch.setattr(pam, "ENV_PATH", "auto")
+    layer = dk.PositionAttention()
+    assert (layer.pam_path, layer.resolved_pam_path) == ("auto", "efficient")
+    monkeypatch.setattr(pam, "ENV_PATH", "official")
+    assert layer.resolved_pam_path == "efficient"
+    assert dk.PositionAttention().resolved_pam_path == "official"
+    assert dk.PositionAttention(pam_path="efficient").resolved_pam_path == "efficient"
+    assert dk.PositionAttention().get_config()["pam_path"] == "auto"  # a saved "auto" resolves again on load
+    monkeypatch.setattr(pam, "ENV_PATH", "sometimes")
+    with pytest.raises(ValueError, match=r"`DANET_PAM_PATH` must be one of .* got 'sometimes'"):
+        dk.PositionAttention()
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "auto"), ({"DANET_PAM_PATH": "official"}, "official"), ({"DANET_FUSED_ATTN": "0"}, "official"),
+    ({"DANET_FUSED_ATTN": "0", "DANET_PAM_PATH": "efficient"}, "efficient"),
+])
+def test_environment_switch(env, expected, monkeypatch):
+    for name in ("DANET_PAM_PATH", "DANET_FUSED_ATTN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert pam._env_path() == expected
+
+
+@pytest.mark.parametrize("fused, expected", [(True, "efficient"), (False, "official"), (None, "auto")])
+def test_old_fused_configs_load(fused, expected):
+    for cls, config in ((dk.PositionAttention, {"reduction": 4}), (dk.DualAttention, {"out_channels": 8}),
+                        (dk.DANetHead, {"num_classes": 3})):
+        config = dict(cls(**config).get_config())
+        config.pop("pam_path")
+        layer = cls.from_config({**config, "fused": fused})
+        assert layer.pam_path == expected and "fused" not in layer.get_config()
+    model = dk.DANet(3, backbone="resnet50", fused=fused)
+    assert model.pam_path == model.head.pam_path == expected
+
+
+def test_old_keras_file_with_fused_loads(tmp_path, rng):
+    inp = keras.Input((7, 6, 32))
+    out = dk.DualAttention(out_channels=8, pam_path="official", name="dual")(
+        dk.PositionAttention(pam_path="efficient", name="sa_alone")(inp))
+    model = keras.Model(inp, out)
+    model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in model.get_weights()])
+    new, old = tmp_path / "new.keras", tmp_path / "old.keras"
+    model.save(new)
+    with zipfile.ZipFile(new) as src, zipfile.ZipFile(old, "w") as dst:  # rewrite as an older release wrote it
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                text = data.decode()
+                assert text.count('"pam_path"') == 2
+                text = text.replace('"pam_path": "efficient"', '"fused": true').replace(
+                    '"pam_path": "official"', '"fused": false')
+                data = text.encode()
+            dst.writestr(item, data)
+    assert '"fused"' in zipfile.ZipFile(old).read("config.json").decode()
+    loaded = keras.saving.load_model(old)
+    assert loaded.get_layer("sa_alone").pam_path == "efficient"
+    assert loaded.get_layer("dual").pam_path == "official" == loaded.get_layer("dual").sa.pam_path
+    x = rng.normal(0, 0.5, (2, 7, 6, 32)).astype("float32")
+    check("old .keras file", keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x)))
+    json.loads(zipfile.ZipFile(new).read("config.json"))  # the new file is plain JSON with pam_path
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(pam_path="fast"), r"`pam_path` must be one of 'auto', 'official', 'efficient', got 'fast'"),
+    (dict(pam_path=None), r"`pam_path` must be one of .* got None"),
+    (dict(fused="yes"), r"`fused` \(the old name of `pam_path`\) must be None, True or False, got 'yes'"),
+    (dict(fused=True, pam_path="official"), r"both `pam_path`='official' and the old `fused`=True"),
+])
+def test_bad_pam_path_is_refused(kwargs, match):
+    for cls in (dk.PositionAttention, dk.DualAttention):
+        with pytest.raises(ValueError, match=match):
+            cls(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        dk.DANetHead(3, **kwargs)
+
+
+def test_block_rows_rule():
+    assert pam.block_rows(1, 9216) == pam.BLOCK_ELEMENTS // 9216
+    assert pam.block_rows(2, 9216) * 2 * 9216 <= pam.BLOCK_ELEMENTS
+    assert pam.block_rows(1, 100) == 100
+    assert pam.block_rows(64, pam.BLOCK_ELEMENTS) == 1
+
+
+def test_same_vocabulary_and_block_rule_as_torch():
+    torch_pam = pytest.importorskip("danet_torch.pam")
+    assert pam.PAM_PATHS == torch_pam.PAM_PATHS == ("auto", "official", "efficient")
+    assert pam.BLOCK_ELEMENTS == torch_pam.BLOCK_ELEMENTS
+    for batch, n in ((1, 9216), (2, 9216), (3, 1155), (1, 100)):
+        assert pam.block_rows(batch, n) == torch_pam.block_rows(batch, n)

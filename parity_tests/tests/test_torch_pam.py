@@ -1,0 +1,239 @@
+"""danet_torch.pam: the efficient path equals the official one, values and gradients; the path vocabulary.
+
+The official path (``bmm`` + softmax under autograd) is the reference for the
+efficient path's hand-written backward; it is itself checked against the
+float64 NumPy reference in ``test_torch_attention.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from danet_torch import DANet, DANetHead, DualAttention, PositionAttention, pam
+from danet_torch import attention as torch_attention
+from parity_tests import reference as ref
+from parity_tests.tests.helpers import state_numpy, to_numpy
+from weights_convert.testing import randomize_
+from weights_convert.tolerances import compare, tolerance
+
+
+def _qkv(b, ck, c, n, dtype, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, ch, n, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+            for ch in (ck, ck, c)]
+
+
+def _np(t):
+    return t if isinstance(t, np.ndarray) else to_numpy(t)
+
+
+def _check(name, got, expected, dtype, scope="layer"):
+    result = compare(name, _np(got), _np(expected), tolerance(str(dtype).replace("torch.", ""), scope))
+    assert result.passed, result.message()
+
+
+def _value_and_grads(fn, tensors, weight):
+    for t in tensors:
+        t.grad = None
+    y = fn(*tensors)
+    (y.double() * weight).sum().backward()
+    return [y.detach()] + [t.grad.clone() for t in tensors]
+
+
+# (N, rows): one block, several full blocks, a last block that is not full, one row per block.
+BLOCKINGS = [(63, 64), (64, 16), (63, 10), (45 * 45, 256), (7, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n, rows", BLOCKINGS)
+def test_blocks_equal_official_values_and_gradients(n, rows, dtype):
+    q, k, v = _qkv(2, 4, 12, n, dtype, requires_grad=True)
+    weight = torch.randn(2, 12, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    official = _value_and_grads(pam.position_attention_official, (q, k, v), weight)
+    blocks = _value_and_grads(lambda *t: pam.position_attention_blocks(*t, rows=rows), (q, k, v), weight)
+    _check(f"blocks n={n} rows={rows} output", blocks[0], official[0], dtype)
+    for name, got, expected in zip(("dq", "dk", "dv"), blocks[1:], official[1:]):
+        _check(f"blocks n={n} rows={rows} {name}", got, expected, dtype, scope="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_blocks_half_precision_against_float64(dtype):
+    q, k, v = _qkv(1, 8, 16, 99, dtype, requires_grad=True)
+    weight = torch.randn(1, 16, 99, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    expected = _value_and_grads(pam.position_attention_official, (q64, k64, v64), weight)
+    got = _value_and_grads(lambda *t: pam.position_attention_blocks(*t, rows=16), (q, k, v), weight)
+    assert all(t.dtype == dtype for t in got)
+    _check(f"blocks {dtype} output", got[0], expected[0], dtype)
+    for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
+        _check(f"blocks {dtype} {name}", g, e, dtype, scope="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_path_equals_official(dtype):
+    # The CUDA half-precision path; scaled_dot_product_attention also runs on CPU.
+    q, k, v = _qkv(2, 32, 64, 7 * 9, dtype)
+    expected = pam.position_attention_official(q.double(), k.double(), v.double())
+    _check(f"kernel {dtype}", pam.position_attention_kernel(q, k, v), expected, dtype)
+
+
+def _module_grads(module, x):
+    x = x.clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    y = module(x)
+    (y * y).sum().backward()
+    params = {name: p.grad.clone() for name, p in module.named_parameters()}
+    return y.detach(), x.grad, params
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hw", [(33, 35), (9, 7), (1, 1)])
+def test_module_efficient_equals_official_for_every_gradient(hw, dtype, monkeypatch):
+    n = hw[0] * hw[1]
+    monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 150 * n)  # several blocks, the last one not full at 33x35
+    x = torch.randn(2, 16, *hw, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    results = {}
+    for path in ("official", "efficient"):
+        module = randomize_(PositionAttention(16, pam_path=path), seed=4).to(dtype)
+        results[path] = _module_grads(module, x)
+    (y_o, dx_o, p_o), (y_e, dx_e, p_e) = results["official"], results["efficient"]
+    assert set(p_o) == {"gamma", "query_conv.weight", "query_conv.bias", "key_conv.weight", "key_conv.bias",
+                        "value_conv.weight", "value_conv.bias"}
+    _check(f"PAM {hw} output", y_e, y_o, dtype)
+    _check(f"PAM {hw} d/dx", dx_e, dx_o, dtype, scope="grad")
+    for name in sorted(set(p_o) - {"key_conv.bias"}):
+        _check(f"PAM {hw} d/d{name}", p_e[name], p_o[name], dtype, scope="grad")
+    # d/d key_conv.bias is 0 in exact arithmetic (one constant added to every key's energy leaves the
+    # softmax unchanged): on both paths it is rounding noise, checked against 0 at the key weights' scale.
+    tol = tolerance(str(dtype).replace("torch.", ""), "grad")
+    bound = tol.atol + tol.rtol * p_o["key_conv.weight"].abs().max().item()
+    assert max(p_o["key_conv.bias"].abs().max().item(), p_e["key_conv.bias"].abs().max().item()) <= bound
+
+
+def test_efficient_module_matches_numpy_reference():
+    pam_module = randomize_(PositionAttention(16, pam_path="efficient"), seed=7).eval()
+    x = torch.randn(2, 16, 11, 13, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        y = pam_module(x)
+    sd = state_numpy(pam_module)
+    expected = ref.position_attention(to_numpy(x), *(sd[k] for k in (
+        "query_conv.weight", "query_conv.bias", "key_conv.weight", "key_conv.bias",
+        "value_conv.weight", "value_conv.bias", "gamma")))
+    _check("efficient PAM vs NumPy", y, expected, torch.float32)
+
+
+def test_autocast_bfloat16_trains_in_float32_statistics():
+    module = randomize_(PositionAttention(16, pam_path="efficient"), seed=9)
+    x = torch.randn(1, 16, 12, 10, generator=torch.Generator().manual_seed(10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x)
+    y.float().pow(2).sum().backward()
+    assert y.dtype == torch.float32 and all(torch.isfinite(p.grad).all() for p in module.parameters())
+    sd = state_numpy(module)
+    expected = ref.position_attention(to_numpy(x), *(sd[k] for k in (
+        "query_conv.weight", "query_conv.bias", "key_conv.weight", "key_conv.bias",
+        "value_conv.weight", "value_conv.bias", "gamma")))
+    _check("efficient PAM under bf16 autocast", y, expected, torch.bfloat16)
+
+
+def test_auto_is_resolved_once_at_construction(monkeypatch):
+    monkeypatch.setattr(pam, "ENV_PATH", "auto")
+    assert pam.resolve_path("auto") == "efficient"
+    module = PositionAttention(16)
+    assert (module.pam_path, module.resolved_pam_path) == ("auto", "efficient")
+    monkeypatch.setattr(pam, "ENV_PATH", "official")
+    assert module.resolved_pam_path == "efficient"  # decided when built, not per call
+    assert PositionAttention(16).resolved_pam_path == "official"
+    assert PositionAttention(16, pam_path="efficient").resolved_pam_path == "efficient"  # explicit wins
+    monkeypatch.setattr(pam, "ENV_PATH", "sometimes")
+    with pytest.raises(ValueError, match=r"`DANET_PAM_PATH` must be one of 'auto', 'official', 'efficient', "
+                                         r"got 'sometimes'"):
+        PositionAttention(16)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "auto"), ({"DANET_PAM_PATH": "official"}, "official"), ({"DANET_PAM_PATH": " Efficient "}, "efficient"),
+    ({"DANET_FUSED_ATTN": "0"}, "official"), ({"DANET_FUSED_ATTN": "1"}, "auto"),
+    ({"DANET_FUSED_ATTN": "0", "DANET_PAM_PATH": "efficient"}, "efficient"),
+])
+def test_environment_switch(env, expected, monkeypatch):
+    for name in ("DANET_PAM_PATH", "DANET_FUSED_ATTN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert pam._env_path() == expected
+
+
+def test_official_path_while_exporting(monkeypatch):
+    module = randomize_(PositionAttention(16, pam_path="efficient"), seed=3)
+    calls = []
+    monkeypatch.setattr(torch_attention, "position_attention_efficient", lambda *t: calls.append(1))
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    x = torch.randn(1, 16, 4, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = module(x)
+    assert not calls and y.shape == x.shape
+
+
+def test_pam_path_reaches_every_pam():
+    head = DANetHead(64, 3, pam_path="official")
+    dual = DualAttention(32, pam_path="efficient")
+    model = DANet(3, backbone="resnet50", pam_path="official")
+    assert head.sa.resolved_pam_path == "official" and dual.sa.resolved_pam_path == "efficient"
+    assert model.head.sa.pam_path == "official"
+    assert "pam_path='official'" in repr(head.sa)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PositionAttention(16, pam_path="fast"), lambda: DualAttention(32, pam_path=True),
+    lambda: DANetHead(64, 3, pam_path=None),
+])
+def test_bad_pam_path_is_refused(make):
+    with pytest.raises(ValueError, match=r"`pam_path` must be one of 'auto', 'official', 'efficient', got "):
+        make()
+
+
+def test_block_rows_rule():
+    assert pam.block_rows(1, 9216) == pam.BLOCK_ELEMENTS // 9216
+    assert pam.block_rows(2, 9216) * 2 * 9216 <= pam.BLOCK_ELEMENTS
+    assert pam.block_rows(1, 100) == 100  # never more rows than N
+    assert pam.block_rows(64, pam.BLOCK_ELEMENTS) == 1  # at least one row
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_efficient_equals_official(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    q, k, v = (t.cuda().requires_grad_(True) for t in _qkv(2, 64, 512, 33 * 35, dtype))
+    weight = torch.randn(2, 512, 33 * 35, generator=torch.Generator().manual_seed(1), dtype=torch.float64).cuda()
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    expected = _value_and_grads(pam.position_attention_official, (q64, k64, v64), weight)
+    got = _value_and_grads(pam.position_attention_efficient, (q, k, v), weight)
+    _check(f"cuda efficient {dtype}", got[0], expected[0], dtype)
+    for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
+        _check(f"cuda efficient {dtype} {name}", g, e, dtype, scope="grad")
+
+
+def test_blocks_never_build_the_n_by_n_matrix(monkeypatch):
+    """Every tensor the blocks path allocates under autograd is far below N x N elements."""
+    n = 40 * 40
+    monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 64 * n)
+    q, k, v = _qkv(1, 4, 8, n, torch.float32, requires_grad=True)
+    largest = []
+
+    class Watch(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    largest.append(t.numel())
+            return out
+
+    with Watch():
+        y = pam.position_attention_blocks(q, k, v)
+        (y * y).sum().backward()
+    assert max(largest) <= 64 * n < n * n // 4
+    assert np.isfinite(to_numpy(q.grad)).all()

@@ -31,7 +31,9 @@ def _tokens(x, data_format):
     if data_format == "channels_first":
         x = ops.transpose(x, (0, 2, 3, 1))
     h, w = x.shape[1], x.shape[2]
-    n = h * w if isinstance(h, int) and isinstance(w, int) else -1  # keep a static N static
+    # Static N stays static; JAX's symbolic sizes (exports) give a symbolic product, which JAX can check
+    # (a -1 there asks it to prove a division it cannot); unknown sizes (TensorFlow graphs) give -1.
+    n = h * w if h is not None and w is not None else -1
     return ops.reshape(x, (ops.shape(x)[0], n, x.shape[-1]))
 
 

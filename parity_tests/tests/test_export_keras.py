@@ -21,7 +21,9 @@ from weights_convert.tolerances import compare, tolerance
 
 pytestmark = pytest.mark.keras
 tf_only = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                             reason="Keras ONNX/SavedModel export runs on the TensorFlow backend only")
+                             reason="tf2onnx and the TensorFlow-only reload need the TensorFlow backend")
+saved_model_backends = pytest.mark.skipif(keras.backend.backend() not in ("tensorflow", "jax"),
+                                          reason="model.export(format='tf_saved_model') runs on TensorFlow and JAX")
 
 SPECS = {
     "pam": wc.ArchSpec("pam", in_channels=32),
@@ -110,9 +112,10 @@ def test_keras_onnx_matches_keras_and_torch_onnx(name, tmp_path):
     print(f"{name}: " + ", ".join(f"{k} max|diff| = {v:.3e}" for k, v in worst.items()))
 
 
-@tf_only
+@saved_model_backends
 @pytest.mark.parametrize("name", list(SPECS))
 def test_saved_model_reloaded_by_tensorflow_matches_keras(name, tmp_path):
+    """Dynamic batch, height and width: on JAX through jax2tf's shape polymorphism."""
     import tensorflow as tf
 
     spec = SPECS[name]
@@ -124,6 +127,24 @@ def test_saved_model_reloaded_by_tensorflow_matches_keras(name, tmp_path):
     for x in _inputs(spec):
         worst = max(worst, _check(f"SavedModel {name} at {x.shape}", _outs(reloaded.serve(x)), _outs(model(x))))
     print(f"{name}: SavedModel vs Keras max|diff| = {worst:.3e}")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="model.export(format='onnx') of the torch backend")
+@pytest.mark.parametrize("name", ["dual_attention", "head"])
+def test_torch_backend_onnx_export_matches_keras(name, tmp_path):
+    """Keras on the torch backend exports ONNX through torch.onnx; dynamic batch, height and width."""
+    import onnxruntime as ort
+
+    spec = SPECS[name]
+    model = _model(wc.to_keras(_neutral(spec), spec), spec)
+    model.export(str(tmp_path / "model.onnx"), format="onnx", verbose=False)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    feed = session.get_inputs()[0].name
+    worst = 0.0
+    for x in _inputs(spec):
+        worst = max(worst, _check(f"onnx(keras torch backend) {name} at {x.shape}",
+                                  session.run(None, {feed: x}), _outs(model(x))))
+    print(f"{name}: ONNX (torch backend) vs Keras max|diff| = {worst:.3e}")
 
 
 @tf_only

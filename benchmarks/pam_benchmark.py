@@ -15,6 +15,9 @@ tracing and compiling included), then:
   ``get_memory_info("GPU:0")``.
 * time: the median of ``--calls`` further calls.
 
+"fwd" is inference as ``predict`` runs it: torch and Keras-on-torch eager under
+``no_grad``/without a tape, Keras on TensorFlow in a ``tf.function``, on JAX
+``jit(stateless_call)``.
 "fwd+bwd" is the loss ``sum(y * y)`` and its gradients for the input and every
 weight: torch autograd; Keras as ``fit`` would run it: TensorFlow
 ``tf.function`` + ``GradientTape``, JAX ``jit(value_and_grad)`` over
@@ -94,6 +97,10 @@ def _keras_step(layer, backward: bool):
             fn = jax.jit(lambda tv, ntv, x: layer.stateless_call(tv, ntv, x)[0])
             return lambda x: fn([v.value for v in layer.trainable_variables],
                                 [v.value for v in layer.non_trainable_variables], x)
+        if backend == "tensorflow":  # as `predict` runs it: one traced graph
+            import tensorflow as tf
+
+            return tf.function(lambda x: layer(x))
         return lambda x: layer(x)
     if backend == "tensorflow":
         import tensorflow as tf

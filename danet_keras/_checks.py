@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["check_positive_int", "check_shape", "standardize_data_format"]
+__all__ = ["check_inputs", "check_positive_int", "check_shape", "standardize_data_format"]
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -27,6 +27,17 @@ def check_shape(layer: str, shape, data_format: str, channels: int | None = None
         raise ValueError(f"{layer}: `inputs` has {c} channels (shape {shape}), but the layer was built "
                          f"for {channels} channels; pass inputs with {channels} channels.")
     return int(c)
+
+
+def check_inputs(layer: str, inputs, data_format: str, channels: int | None = None) -> int:
+    """:func:`check_shape` for a tensor, which must also be floating point (``TypeError`` otherwise)."""
+    import keras
+
+    dtype = keras.backend.standardize_dtype(inputs.dtype)
+    if "float" not in dtype:
+        raise TypeError(f"{layer}: `inputs` must be a floating-point tensor, got dtype {dtype}; "
+                        f"cast it first, e.g. `keras.ops.cast(inputs, \"float32\")`.")
+    return check_shape(layer, inputs.shape, data_format, channels)
 
 
 def standardize_data_format(data_format) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from ._checks import check_positive_int, check_shape, standardize_data_format
+from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
 from .layers import Conv2d, backend_result_type
 from .pam import bmm as _bmm
 from .pam import check_path, path_from_legacy, position_attention_efficient, position_attention_official, resolve_path
@@ -116,7 +116,7 @@ class PositionAttention(_Attention):
         self._add_gamma()
 
     def call(self, inputs):
-        self._check(inputs.shape)
+        check_inputs(type(self).__name__, inputs, self.data_format, self.in_channels)
         q = _tokens(self.query_conv(inputs), self.data_format)
         k = _tokens(self.key_conv(inputs), self.data_format)
         v = _tokens(self.value_conv(inputs), self.data_format)
@@ -179,12 +179,13 @@ class ChannelAttention(_Attention):
         self._add_gamma()
 
     def call(self, inputs):
-        self._check(inputs.shape)
+        check_inputs(type(self).__name__, inputs, self.data_format, self.in_channels)
         dtype = backend_result_type(inputs.dtype)
         x = ops.cast(inputs, dtype)
         xf = _tokens(x, self.data_format)  # (B, N, C)
         energy = _bmm(ops.transpose(xf, (0, 2, 1)), xf)  # (B, C, C)
-        energy_new = ops.max(energy, axis=-1, keepdims=True) - energy
+        # `initial` only lets an empty batch through (backends refuse the max of an empty tensor).
+        energy_new = ops.max(energy, axis=-1, keepdims=True, initial=float("-inf")) - energy
         attention = ops.softmax(energy_new, axis=-1)
         out = _untokens(_bmm(xf, ops.transpose(attention, (0, 2, 1))), x, self.data_format)
         y = ops.cast(self.gamma, dtype) * out + x

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from keras import ops
 
-from ._checks import check_shape
-from .layers import backend_result_type, resize_bilinear_align_corners, spatial_axes
+from ._checks import check_inputs
+from .layers import backend_result_type, resize_bilinear_align_corners, layout_axes
 
 __all__ = [
     "AttentionMaps",
@@ -111,7 +111,7 @@ def _channels_last(x, data_format):
 
 
 def _spatial_shape(x, data_format):
-    h_ax, w_ax, _ = spatial_axes(data_format)
+    h_ax, w_ax, _ = layout_axes(data_format)
     return x.shape[h_ax], x.shape[w_ax]
 
 
@@ -133,7 +133,7 @@ def position_attention_rows(layer, x, points):
         positions (no ``1/sqrt(d)``), in float32 (float64 for float64 inputs).
     """
     _ensure_built(layer, x)
-    check_shape("PositionAttention.attention_rows", x.shape, layer.data_format, layer.in_channels)
+    check_inputs("PositionAttention.attention_rows", x, layer.data_format, layer.in_channels)
     pts = check_points(points, _spatial_shape(x, layer.data_format))
     dtype = backend_result_type(x.dtype)
     q = ops.cast(_channels_last(layer.query_conv(x), layer.data_format), dtype)  # (B, H, W, C')
@@ -163,7 +163,7 @@ def channel_attention_matrix(layer, x):
         the *less* similar a channel, the *more* weight.
     """
     _ensure_built(layer, x)
-    check_shape("ChannelAttention.attention_matrix", x.shape, layer.data_format, layer.in_channels)
+    check_inputs("ChannelAttention.attention_matrix", x, layer.data_format, layer.in_channels)
     energy = channel_attention_energy(x, layer.data_format)
     return ops.softmax(ops.max(energy, axis=-1, keepdims=True) - energy, axis=-1)
 
@@ -228,7 +228,7 @@ def head_attention_maps(head, features, points, size=None, training=False) -> At
         training: Passed to the head's layers (BatchNorm, dropout).
     """
     _ensure_built(head, features)
-    check_shape("DANetHead.attention_maps", features.shape, head.data_format, head.in_channels)
+    check_inputs("DANetHead.attention_maps", features, head.data_format, head.in_channels)
     grid_size = _static_size("DANetHead.attention_maps", features, head.data_format)
     size = grid_size if size is None else _check_size(size)
     query = check_points(points, size)
@@ -239,7 +239,7 @@ def head_attention_maps(head, features, points, size=None, training=False) -> At
     energy = channel_attention_energy(pc, head.data_format)
     cam = channel_attention_matrix(head.sc, pc)
     fused = resize_bilinear_align_corners(head(features, training=training)[0], size, head.data_format)
-    seg = ops.argmax(fused, axis=spatial_axes(head.data_format)[2])
+    seg = ops.argmax(fused, axis=layout_axes(head.data_format)[2])
     return AttentionMaps(pam=resize_bilinear_align_corners(rows, size, "channels_first"), pam_rows=rows, cam=cam,
                          cam_energy=energy, segmentation=seg, points=grid, image_points=back, query_points=query)
 
@@ -259,7 +259,7 @@ def danet_attention_maps(model, images, points, training=False) -> AttentionMaps
     """
     if not model.built:
         model.build(tuple(images.shape))
-    check_shape("DANet.attention_maps", images.shape, model.data_format, 3)
+    check_inputs("DANet.attention_maps", images, model.data_format, 3)
     size = _static_size("DANet.attention_maps", images, model.data_format)
     check_points(points, size)  # fail before the backbone runs
     c4 = model.pretrained(images, training=training)[-1]

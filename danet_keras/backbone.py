@@ -6,8 +6,8 @@ from typing import Sequence
 
 import keras
 
-from ._checks import check_positive_int, check_shape, standardize_data_format
-from .layers import BatchNorm, Conv2d, MaxPool2d, sequential, spatial_axes, with_channels
+from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
+from .layers import BatchNorm, Conv2d, MaxPool2d, sequential, layout_axes, with_channels
 
 __all__ = ["Bottleneck", "DilatedResNet", "resnet50", "resnet101", "layer_dilations", "DEPTHS"]
 
@@ -73,7 +73,7 @@ class Bottleneck(keras.layers.Layer):
 
     def build(self, input_shape):
         self.in_channels = check_shape("Bottleneck", input_shape, self.data_format)
-        p, axis = self.planes, spatial_axes(self.data_format)[2]
+        p, axis = self.planes, layout_axes(self.data_format)[2]
         kw = dict(data_format=self.data_format, dtype=self.dtype_policy, use_bias=False)
         bn = dict(axis=axis, dtype=self.dtype_policy)
         self.conv1 = Conv2d(p, 1, name="conv1", **kw)
@@ -96,7 +96,7 @@ class Bottleneck(keras.layers.Layer):
             norm.build(shape)
 
     def call(self, inputs, training=None):
-        check_shape("Bottleneck", inputs.shape, self.data_format, self.in_channels)
+        check_inputs("Bottleneck", inputs, self.data_format, self.in_channels)
         identity = inputs if self.downsample is None else self.downsample(inputs, training=training)
         out = self.relu(self.bn1(self.conv1(inputs), training=training))
         out = self.relu(self.bn2(self.conv2(out), training=training))
@@ -105,7 +105,7 @@ class Bottleneck(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         shape = list(with_channels(input_shape, 4 * self.planes, self.data_format))
-        for ax in spatial_axes(self.data_format)[:2]:
+        for ax in layout_axes(self.data_format)[:2]:
             if shape[ax] is not None:
                 shape[ax] = (shape[ax] - 1) // self.stride + 1
         return tuple(shape)
@@ -148,7 +148,7 @@ class DilatedResNet(keras.layers.Layer):
 
     def build(self, input_shape):
         check_shape("DilatedResNet", input_shape, self.data_format, self.in_channels)
-        df, dt, axis = self.data_format, self.dtype_policy, spatial_axes(self.data_format)[2]
+        df, dt, axis = self.data_format, self.dtype_policy, layout_axes(self.data_format)[2]
 
         def conv(filters, k, name, stride=1, pad=0):
             return Conv2d(filters, k, strides=stride, padding=pad, use_bias=False, data_format=df, dtype=dt,
@@ -188,7 +188,7 @@ class DilatedResNet(keras.layers.Layer):
             setattr(self, f"layer{i}", layer)
 
     def call(self, inputs, training=None):
-        check_shape("DilatedResNet", inputs.shape, self.data_format, self.in_channels)
+        check_inputs("DilatedResNet", inputs, self.data_format, self.in_channels)
         x = self.conv1(inputs, training=training) if self.deep_stem else self.conv1(inputs)
         x = self.maxpool(self.relu(self.bn1(x, training=training)))
         c1 = self.layer1(x, training=training)
@@ -198,7 +198,7 @@ class DilatedResNet(keras.layers.Layer):
         return c1, c2, c3, c4
 
     def compute_output_shape(self, input_shape):
-        h_ax, w_ax, _ = spatial_axes(self.data_format)
+        h_ax, w_ax, _ = layout_axes(self.data_format)
         strides = [2 * 2, 2 * 2 * 2]  # stem conv + maxpool, then layer2
         strides.append(strides[-1] * self._stages[2][0])
         strides.append(strides[-1] * self._stages[3][0])

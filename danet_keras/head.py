@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import keras
 
-from ._checks import check_positive_int, check_shape, standardize_data_format
+from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
 from .attention import ChannelAttention, PositionAttention
-from .layers import BatchNorm, Conv2d, sequential, spatial_axes, with_channels
+from .layers import BatchNorm, Conv2d, sequential, layout_axes, with_channels
 from .pam import check_path, path_from_legacy
 
 __all__ = ["DualAttention", "DANetHead", "conv_bn_relu"]
@@ -14,7 +14,7 @@ __all__ = ["DualAttention", "DANetHead", "conv_bn_relu"]
 
 def conv_bn_relu(filters: int, name: str, data_format: str, dtype) -> keras.Sequential:
     """``Sequential(Conv2d 3x3 pad 1 no bias, BatchNorm, ReLU)``, items named ``0``, ``1``, ``2``."""
-    axis = spatial_axes(data_format)[2]
+    axis = layout_axes(data_format)[2]
     return sequential([
         Conv2d(filters, 3, padding=1, use_bias=False, data_format=data_format, dtype=dtype, name="0"),
         BatchNorm(axis=axis, dtype=dtype, name="1"),
@@ -89,7 +89,7 @@ class DualAttention(keras.layers.Layer):
 
     def branches(self, inputs, training=None):
         """``(sa_conv, sc_conv)``: the position and channel branches before the sum."""
-        self._check(inputs.shape)
+        check_inputs(type(self).__name__, inputs, self.data_format, self.in_channels)
         sa_conv = self.conv51(self.sa(self.conv5a(inputs, training=training)), training=training)
         sc_conv = self.conv52(self.sc(self.conv5c(inputs, training=training)), training=training)
         return sa_conv, sc_conv
@@ -154,11 +154,10 @@ class DANetHead(DualAttention):
     def build(self, input_shape):
         super().build(input_shape)
         inter = self.in_channels // 4
-        axis_f = self.data_format
         for name in ("conv6", "conv7", "conv8"):
             seq = sequential([
-                keras.layers.SpatialDropout2D(self.dropout, data_format=axis_f, dtype=self.dtype_policy, name="0"),
-                Conv2d(self.num_classes, 1, data_format=axis_f, dtype=self.dtype_policy, name="1"),
+                keras.layers.SpatialDropout2D(self.dropout, data_format=self.data_format, dtype=self.dtype_policy, name="0"),
+                Conv2d(self.num_classes, 1, data_format=self.data_format, dtype=self.dtype_policy, name="1"),
             ], name, self.dtype_policy)
             seq.build(with_channels(input_shape, inter, self.data_format))
             setattr(self, name, seq)

@@ -22,11 +22,11 @@ from keras import ops
 
 from ._checks import standardize_data_format
 
-__all__ = ["Conv2d", "BatchNorm", "MaxPool2d", "resize_bilinear_align_corners", "sequential", "spatial_axes",
+__all__ = ["Conv2d", "BatchNorm", "MaxPool2d", "resize_bilinear_align_corners", "sequential", "layout_axes",
            "with_channels"]
 
 
-def spatial_axes(data_format: str) -> tuple[int, int, int]:
+def layout_axes(data_format: str) -> tuple[int, int, int]:
     """``(h_axis, w_axis, channel_axis)`` of a 4-D tensor in ``data_format``."""
     return (2, 3, 1) if data_format == "channels_first" else (1, 2, 3)
 
@@ -34,7 +34,7 @@ def spatial_axes(data_format: str) -> tuple[int, int, int]:
 def with_channels(shape, channels: int, data_format: str) -> tuple:
     """``shape`` with its channel axis set to ``channels``."""
     shape = list(shape)
-    shape[spatial_axes(data_format)[2]] = channels
+    shape[layout_axes(data_format)[2]] = channels
     return tuple(shape)
 
 
@@ -52,7 +52,7 @@ def sequential(layers, name: str, dtype) -> keras.Sequential:
 def _pad_spatial(x, pad: int, data_format: str, value=0.0):
     if pad == 0:
         return x
-    h, w, _ = spatial_axes(data_format)
+    h, w, _ = layout_axes(data_format)
     widths = [[0, 0]] * 4
     widths[h] = widths[w] = [pad, pad]
     return ops.pad(x, widths, constant_values=value)
@@ -105,7 +105,7 @@ class Conv2d(keras.layers.Conv2D):
 
     def compute_output_shape(self, input_shape):
         shape = list(input_shape)
-        h, w, _ = spatial_axes(self.data_format)
+        h, w, _ = layout_axes(self.data_format)
         for ax in (h, w):
             if shape[ax] is not None:
                 shape[ax] += 2 * self.torch_padding
@@ -247,7 +247,7 @@ class MaxPool2d(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         shape = list(input_shape)
-        for ax in spatial_axes(self.data_format)[:2]:
+        for ax in layout_axes(self.data_format)[:2]:
             if shape[ax] is not None:
                 shape[ax] = (shape[ax] + 2 * self.padding - self.kernel_size) // self.strides + 1
         return tuple(shape)
@@ -292,6 +292,6 @@ def resize_bilinear_align_corners(x, size, data_format: str | None = None):
         input position ``i * (H - 1) / (out_h - 1)``, so corners map to corners.
     """
     data_format = standardize_data_format(data_format)
-    h_ax, w_ax, _ = spatial_axes(data_format)
+    h_ax, w_ax, _ = layout_axes(data_format)
     x = _lerp_axis(x, size[0], h_ax)
     return _lerp_axis(x, size[1], w_ax)

@@ -7,10 +7,10 @@ from typing import Sequence
 import keras
 from keras import ops
 
-from ._checks import check_positive_int, check_shape, standardize_data_format
+from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
 from .backbone import DilatedResNet
 from .head import DANetHead
-from .layers import resize_bilinear_align_corners, spatial_axes
+from .layers import resize_bilinear_align_corners, layout_axes
 from .pam import check_path, path_from_legacy
 
 __all__ = ["DANet", "BACKBONES"]
@@ -111,8 +111,8 @@ class DANet(keras.Model):
         self.built = True
 
     def call(self, inputs, training=None):
-        check_shape("DANet", inputs.shape, self.data_format, self.in_channels)
-        h_ax, w_ax, _ = spatial_axes(self.data_format)
+        check_inputs("DANet", inputs, self.data_format, self.in_channels)
+        h_ax, w_ax, _ = layout_axes(self.data_format)
         shape = ops.shape(inputs)
         size = (shape[h_ax], shape[w_ax])
         c4 = self.pretrained(inputs, training=training)[-1]
@@ -122,7 +122,7 @@ class DANet(keras.Model):
     def compute_output_shape(self, input_shape):
         check_shape("DANet", input_shape, self.data_format)
         shape = list(input_shape)
-        shape[spatial_axes(self.data_format)[2]] = self.num_classes
+        shape[layout_axes(self.data_format)[2]] = self.num_classes
         return tuple(shape), tuple(shape), tuple(shape)
 
     def get_config(self):

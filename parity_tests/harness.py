@@ -92,9 +92,7 @@ def keras_device() -> str:
 
         return jax.devices()[0].platform
     if backend == "torch":
-        from keras.src.backend.torch.core import get_device
-
-        return str(get_device())
+        return str(keras.ops.convert_to_tensor(0.0).device)  # where Keras puts new tensors
     return "cpu"
 
 

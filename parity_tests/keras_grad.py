@@ -67,9 +67,7 @@ def keras_loss_and_grads(model, x: np.ndarray, weights, training: bool = True):
     elif backend == "torch":
         import torch
 
-        from keras.src.backend.torch.core import get_device
-
-        xt = torch.tensor(x, device=get_device(), requires_grad=True)
+        xt = keras.ops.convert_to_tensor(x, dtype=str(x.dtype)).detach().clone().requires_grad_(True)
         for v in variables:
             v.value.grad = None
         outputs = _as_tuple(model(xt, training=training))

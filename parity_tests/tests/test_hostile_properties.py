@@ -182,3 +182,42 @@ def test_keras_bad_shapes_give_clear_errors(shape):
     for layer, _ in _keras_layers():
         with pytest.raises(ValueError, match="`inputs`"):
             layer(np.ones(shape, "float32"))
+
+
+def _keras_blocks():
+    """Every public Keras block, unbuilt, with the channels it accepts (DualAttention and the head need >= 32)."""
+    import danet_keras as dk
+
+    return [(dk.PositionAttention(), CHANNELS), (dk.ChannelAttention(), CHANNELS),
+            (dk.DualAttention(), 32), (dk.DANetHead(num_classes=3), 32)]
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("dtype", ["int32", "uint8", "bool"])
+def test_keras_non_float_inputs_are_refused(dtype):
+    for layer, c in _keras_blocks():
+        with pytest.raises(TypeError, match=f"`inputs` must be a floating-point tensor, got dtype {dtype}"):
+            layer(np.ones((1, 3, 3, c), dtype))
+
+
+@pytest.mark.keras
+def test_keras_empty_batch_gives_empty_outputs():
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("TensorFlow's convolution returns its input for an empty batch (keras.layers.Conv2D fails too)")
+    for layer, c in _keras_blocks():
+        outs = layer(np.zeros((0, 5, 4, c), "float32"))
+        for y in outs if isinstance(outs, (tuple, list)) else (outs,):
+            assert tuple(y.shape)[:3] == (0, 5, 4), (type(layer).__name__, tuple(y.shape))
+
+
+def test_torch_empty_batch_gives_empty_outputs():
+    for module, c in ((dt.PositionAttention(CHANNELS), CHANNELS), (dt.ChannelAttention(CHANNELS), CHANNELS),
+                      (dt.DualAttention(32), 32), (dt.DANetHead(32, 3), 32)):
+        x = torch.zeros(0, c, 5, 4, requires_grad=True)
+        outs = module.eval()(x)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        assert all(tuple(y.shape) == (0, y.shape[1], 5, 4) for y in outs), type(module).__name__
+        sum(y.sum() for y in outs).backward()
+        assert x.grad.shape == x.shape

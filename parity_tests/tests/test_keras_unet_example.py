@@ -1,4 +1,4 @@
-"""A short run of ``examples/unet_dual_attention.py``: loss falls, gammas move, reload is exact."""
+"""``examples/unet_dual_attention.py``: a short run (loss falls, gammas move, reload is exact) and its export."""
 
 from __future__ import annotations
 
@@ -14,13 +14,50 @@ pytestmark = pytest.mark.keras
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "unet_dual_attention.py"
 
 
-@pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/ not present (installed package)")
-def test_unet_example_short_run(tmp_path):
+needs_example = pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/ not present (installed package)")
+
+
+def _example():
     spec = importlib.util.spec_from_file_location("unet_dual_attention", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@needs_example
+def test_unet_example_short_run(tmp_path):
+    module = _example()
     result = module.main(["--epochs", "3", "--samples", "32", "--size", "16", "--batch-size", "8",
                           "--skip-attention", "--out", str(tmp_path)])
     assert result["final_loss"] < 0.9 * result["initial_loss"], result
     assert len(result["gammas"]) == 4 and all(g != 0.0 for g in result["gammas"].values()), result["gammas"]
     assert result["reload_max_diff"] == 0.0
+
+
+@needs_example
+def test_unet_exports_at_every_size_multiple_of_4_on_jax(tmp_path):
+    """A SavedModel with symbolic sizes: jax2tf is told the sizes are multiples of 4 (two poolings)."""
+    import keras
+    import numpy as np
+
+    from weights_convert.tolerances import compare, tolerance
+
+    if keras.backend.backend() != "jax":
+        pytest.skip("JAX only: on TensorFlow, Keras 3.15's UpSampling2D(interpolation='bilinear') cannot trace "
+                    "unknown sizes (the attention layers alone export: test_export_keras.py)")
+    tf = pytest.importorskip("tensorflow")
+    keras.utils.set_random_seed(0)
+    model = _example().build_unet(channels=1, num_classes=3, width=32)
+    for v in model.weights:  # non-zero gammas: the attention takes part
+        if v.path.endswith("gamma"):
+            v.assign(np.full(v.shape, 0.7, "float32"))
+    model(np.zeros((1, 16, 16, 1), "float32"))
+    model.export(str(tmp_path / "sm"), format="tf_saved_model", verbose=False,
+                 jax2tf_kwargs={"polymorphic_shapes": ["(b, 4*h, 4*w, 1)"]})
+    reloaded = tf.saved_model.load(str(tmp_path / "sm"))
+    rng = np.random.default_rng(1)
+    for shape in ((2, 16, 24, 1), (1, 32, 8, 1)):
+        x = rng.standard_normal(shape).astype("float32")
+        result = compare(f"U-Net SavedModel at {shape}", np.asarray(reloaded.serve(x)),
+                         keras.ops.convert_to_numpy(model(x)), tolerance("float32", "model"))
+        assert result.passed, result.message()

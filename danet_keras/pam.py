@@ -195,7 +195,9 @@ def _blocks_forward(q, k, v, rows):
         energy = ops.einsum("brc,bnc->brn", x[0], ks)  # (B, rows, N), float32 (float64 stays)
         p = ops.softmax(energy, axis=-1)
         # log-sum-exp = max(E) + log(sum(exp(E - max))) = max(E) - log(max(P)): two reductions, no tile.
-        lse = ops.max(energy, axis=-1, keepdims=True) - ops.log(ops.max(p, axis=-1, keepdims=True))
+        # (`initial` lets an empty batch through: backends refuse the max of an empty tensor.)
+        lse = (ops.max(energy, axis=-1, keepdims=True, initial=float("-inf"))
+               - ops.log(ops.max(p, axis=-1, keepdims=True, initial=0.0)))
         return carry, (ops.cast(ops.einsum("brn,bnc->brc", ops.cast(p, dtype), v), dtype), lse)
 
     blocks = (n + rows - 1) // rows

@@ -47,7 +47,7 @@ def test_unet_exports_at_every_size_multiple_of_4_on_jax(tmp_path):
                     "unknown sizes (the attention layers alone export: test_export_keras.py)")
     tf = pytest.importorskip("tensorflow")
     keras.utils.set_random_seed(0)
-    model = _example().build_unet(channels=1, num_classes=3, width=32)
+    model = _example().build_unet(channels=1, num_classes=3, width=16)
     for v in model.weights:  # non-zero gammas: the attention takes part
         if v.path.endswith("gamma"):
             v.assign(np.full(v.shape, 0.7, "float32"))

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     pair = run_pairs(__file__, case, args.repeats)
     o, e = pair["official"], pair["efficient"]
     print(f"{args.framework}, DANet {args.backbone}, B={args.batch}, {args.size}x{args.size}, {args.classes} classes, "
-          f"{pair['versions']}; {machine()}; medians of {args.repeats} fresh processes per path")
+          f"{pair['versions']}; {machine()}; {"one fresh process" if args.repeats == 1 else f"medians of {args.repeats} fresh processes"} per path")
     print()
     print("| PAM path | step ms | peak MiB |")
     print("|---|---|---|")

@@ -210,7 +210,7 @@ def main(argv=None) -> int:
                              "memory_ratio": e["peak_mib"] / o["peak_mib"] if o["peak_mib"] else float("nan"),
                              "error": o["error"] or e["error"]})
     print(f"{args.framework}, {args.device}, B={args.batch}, C={args.channels}, {versions}; {machine()}; "
-          f"medians of {args.repeats} fresh processes per path, {args.calls} timed calls each")
+          f"{"one fresh process" if args.repeats == 1 else f"medians of {args.repeats} fresh processes"} per path, {args.calls} timed calls each")
     print()
     print("| H x W | N | dtype | pass | official ms | official MiB | efficient ms | efficient MiB "
           "| time ratio | memory ratio |")

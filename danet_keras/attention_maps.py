@@ -27,7 +27,8 @@ import numpy as np
 from keras import ops
 
 from ._checks import check_inputs
-from .layers import backend_result_type, resize_bilinear_align_corners, layout_axes
+from .layers import backend_result_type, layout_axes, resize_bilinear_align_corners
+from .pam import softmax
 
 __all__ = [
     "AttentionMaps",
@@ -165,7 +166,7 @@ def channel_attention_matrix(layer, x):
     _ensure_built(layer, x)
     check_inputs("ChannelAttention.attention_matrix", x, layer.data_format, layer.in_channels)
     energy = channel_attention_energy(x, layer.data_format)
-    return ops.softmax(ops.max(energy, axis=-1, keepdims=True) - energy, axis=-1)
+    return softmax(ops.max(energy, axis=-1, keepdims=True) - energy, axis=-1)
 
 
 @dataclass

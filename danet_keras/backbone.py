@@ -7,7 +7,7 @@ from typing import Sequence
 import keras
 
 from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
-from .layers import BatchNorm, Conv2d, MaxPool2d, sequential, layout_axes, with_channels
+from .layers import BatchNorm, Conv2d, MaxPool2d, layout_axes, sequential, with_channels
 
 __all__ = ["Bottleneck", "DilatedResNet", "resnet50", "resnet101", "layer_dilations", "DEPTHS"]
 

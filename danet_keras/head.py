@@ -6,7 +6,7 @@ import keras
 
 from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
 from .attention import ChannelAttention, PositionAttention
-from .layers import BatchNorm, Conv2d, sequential, layout_axes, with_channels
+from .layers import BatchNorm, Conv2d, layout_axes, sequential, with_channels
 from .pam import check_path, path_from_legacy
 
 __all__ = ["DualAttention", "DANetHead", "conv_bn_relu"]

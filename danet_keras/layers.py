@@ -96,7 +96,8 @@ class Conv2d(keras.layers.Conv2D):
                          padding="valid", dilation_rate=dilation, **kwargs)
 
     def call(self, inputs):
-        if inputs.shape[0] == 0:  # TensorFlow's convolution returns its input for an empty batch
+        if keras.backend.backend() == "tensorflow" and inputs.shape[0] == 0:
+            # TensorFlow's convolution returns its input for an empty batch; the other backends need no help.
             return ops.zeros(self.compute_output_shape(inputs.shape), self.compute_dtype)
         x = _pad_spatial(inputs, self.torch_padding, self.data_format)
         y = super().call(x)

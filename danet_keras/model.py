@@ -10,7 +10,7 @@ from keras import ops
 from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
 from .backbone import DilatedResNet
 from .head import DANetHead
-from .layers import resize_bilinear_align_corners, layout_axes
+from .layers import layout_axes, resize_bilinear_align_corners
 from .pam import check_path, path_from_legacy
 
 __all__ = ["DANet", "BACKBONES"]

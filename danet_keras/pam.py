@@ -40,6 +40,7 @@ size alone keeps the blocks, sized in the graph.
 from __future__ import annotations
 
 import os
+import warnings
 
 import keras
 from keras import ops
@@ -120,6 +121,14 @@ def block_rows(batch, n):
     return ops.maximum(1, ops.minimum(n, BLOCK_ELEMENTS // ops.maximum(1, batch * n)))
 
 
+def softmax(x, axis=-1):
+    """``keras.ops.softmax`` without its warning for an axis of size 1: a 1x1 feature map (one position)
+    or a one-channel CAM is a valid input, whose attention is 1."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are using a softmax over axis", category=UserWarning)
+        return ops.softmax(x, axis=axis)
+
+
 def bmm(a, b):
     """Batched ``a @ b``. float64 goes through ``einsum``: Keras 3.15's torch
     backend computes ``ops.matmul`` of float64 inputs in float32
@@ -135,7 +144,7 @@ def position_attention_official(q, k, v):
     The softmax runs in float32 (float64 stays); the result has ``v``'s dtype.
     """
     energy = bmm(q, ops.transpose(k, (0, 2, 1)))  # (B, N, N)
-    attention = ops.cast(ops.softmax(ops.cast(energy, backend_result_type(q.dtype)), axis=-1), q.dtype)
+    attention = ops.cast(softmax(ops.cast(energy, backend_result_type(q.dtype)), axis=-1), q.dtype)
     return bmm(attention, v)
 
 
@@ -193,7 +202,7 @@ def _blocks_forward(q, k, v, rows):
 
     def step(carry, x):
         energy = ops.einsum("brc,bnc->brn", x[0], ks)  # (B, rows, N), float32 (float64 stays)
-        p = ops.softmax(energy, axis=-1)
+        p = softmax(energy, axis=-1)
         # log-sum-exp = max(E) + log(sum(exp(E - max))) = max(E) - log(max(P)): two reductions, no tile.
         # (`initial` lets an empty batch through: backends refuse the max of an empty tensor.)
         lse = (ops.max(energy, axis=-1, keepdims=True, initial=float("-inf"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,7 @@ def _dry_run(ckpt, dst) -> None:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up logs drown the converter's lines
     parser = build_parser()
     args = parser.parse_args(argv)
     t0 = time.perf_counter()

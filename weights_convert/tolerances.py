@@ -35,7 +35,7 @@ than 10x above what is reached (worst headroom below 0.1) is to be
 tightened. None is, in float32: ``layer`` serves both Keras against torch
 (CAM at 9x11) and either framework against the float64 reference, where
 float32 CAM at 45x45 reaches max |diff| 2.0e-4 (headroom 1.48 under the
-earlier atol of 1e-4, hence 3e-4); ``model`` reaches 0.71 and ``grad`` 0.25. The float64 entries are 2500x or more above what the
+earlier atol of 1e-4, hence 3e-4); ``model`` reaches 0.71 and ``grad`` 0.41. The float64 entries are 2500x or more above what the
 parity comparisons reach, but they also bound float64 against the
 reference for inputs up to 100 (the hostile-input tests) and DANet-101
 at 97x129, which this measurement does not cover.
@@ -100,12 +100,12 @@ MEASURED_BY = ("`python benchmarks/tolerance_measure.py --seeds 0 1 2` on CPU (x
 # gradient, zero in exact arithmetic). Half precision is not measured by that command.
 MEASURED: dict[tuple[str, str], Measured] = {
     ("float64", "layer"): Measured(2.1e-4, 5.2e-14, 2.9e-14, "DANet-50 BatchNorm statistics after one step, 33x33"),
-    ("float64", "model"): Measured(9.7e-5, 8.7e-15, 2.1e-13, "DANet-50 outputs, 65x65"),
-    ("float64", "grad"): Measured(4.0e-4, 3.5e-13, 1.2e-9, "DANet-50 parameter gradients, 33x33"),
+    ("float64", "model"): Measured(9.6e-5, 8.7e-15, 2.1e-13, "DANet-50 outputs, 65x65"),
+    ("float64", "grad"): Measured(3.9e-4, 3.6e-13, 1.2e-9, "DANet-50 parameter gradients, 33x33"),
     ("float32", "layer"): Measured(0.55, 1.05e-5, 2.0e-4, "CAM at 45x45 against the float64 reference, torch and "
                                    "Keras alike"),
-    ("float32", "model"): Measured(0.71, 7.3e-6, 1.6e-4, "DANet-50 outputs, 33x33 and 65x65"),
-    ("float32", "grad"): Measured(0.25, 6.0e-5, 1.7e-4, "DualAttention gradients (d/d sa.gamma), 9x11"),
+    ("float32", "model"): Measured(0.71, 7.3e-6, 1.5e-4, "DANet-50 outputs, 33x33 and 65x65"),
+    ("float32", "grad"): Measured(0.41, 7.9e-5, 2.8e-4, "DANetHead and DualAttention gradients, 9x11"),
 }
 
 

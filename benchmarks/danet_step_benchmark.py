@@ -20,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import CpuMemory, keras_memory, machine, run_pairs, time_calls  # noqa: E402
+from measure import CpuMemory, keras_memory, machine, processes, run_pairs, time_calls  # noqa: E402
 
 __all__ = ["main"]
 
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     pair = run_pairs(__file__, case, args.repeats)
     o, e = pair["official"], pair["efficient"]
     print(f"{args.framework}, DANet {args.backbone}, B={args.batch}, {args.size}x{args.size}, {args.classes} classes, "
-          f"{pair['versions']}; {machine()}; {"one fresh process" if args.repeats == 1 else f"medians of {args.repeats} fresh processes"} per path")
+          f"{pair['versions']}; {machine()}; {processes(args.repeats)} per path")
     print()
     print("| PAM path | step ms | peak MiB |")
     print("|---|---|---|")

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-__all__ = ["PATHS", "CpuMemory", "TensorFlowMemory", "TorchCudaMemory", "JaxGpuMemory", "keras_memory",
+__all__ = ["PATHS", "CpuMemory", "TensorFlowMemory", "TorchCudaMemory", "JaxGpuMemory", "keras_memory", "processes",
            "time_calls", "run_pairs", "machine"]
 
 PATHS = ("official", "efficient")
@@ -169,3 +169,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{name}, {platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def processes(repeats: int) -> str:
+    """How the table's figures were taken, for its header."""
+    return "one fresh process" if repeats == 1 else f"medians of {repeats} fresh processes"

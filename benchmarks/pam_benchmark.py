@@ -38,7 +38,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import CpuMemory, TorchCudaMemory, keras_memory, machine, run_pairs, time_calls  # noqa: E402
+from measure import CpuMemory, TorchCudaMemory, keras_memory, machine, processes, run_pairs, time_calls  # noqa: E402
 
 __all__ = ["main"]
 
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
                              "memory_ratio": e["peak_mib"] / o["peak_mib"] if o["peak_mib"] else float("nan"),
                              "error": o["error"] or e["error"]})
     print(f"{args.framework}, {args.device}, B={args.batch}, C={args.channels}, {versions}; {machine()}; "
-          f"{"one fresh process" if args.repeats == 1 else f"medians of {args.repeats} fresh processes"} per path, {args.calls} timed calls each")
+          f"{processes(args.repeats)} per path, {args.calls} timed calls each")
     print()
     print("| H x W | N | dtype | pass | official ms | official MiB | efficient ms | efficient MiB "
           "| time ratio | memory ratio |")

@@ -1,0 +1,50 @@
+"""The benchmark scripts run and report every field (tiny sizes; no figure is asserted: speed lives in docs/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+pytestmark = pytest.mark.skipif(not BENCHMARKS.exists(), reason="benchmarks/ not present (installed package)")
+FIELDS = {"size", "N", "dtype", "mode", "official_ms", "official_mib", "efficient_ms", "efficient_mib",
+          "time_ratio", "memory_ratio", "error"}
+
+
+def _pam_rows(tmp_path, framework: str) -> list:
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(BENCHMARKS / "pam_benchmark.py"), "--framework", framework, "--batch", "1",
+           "--sizes", "8", "--channels", "32", "--repeats", "1", "--calls", "1", "--modes", "fwd", "fwd+bwd",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 8x8 | 64 | float32 | fwd |" in proc.stdout and "| 8x8 | 64 | float32 | fwd+bwd |" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def _check(rows):
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"]
+    for r in rows:
+        assert set(r) == FIELDS and r["error"] == "", r
+        assert r["official_ms"] > 0 and r["efficient_ms"] > 0 and r["official_mib"] >= 0, r
+
+
+def test_torch_pam_benchmark_runs(tmp_path):
+    _check(_pam_rows(tmp_path, "torch"))
+
+
+@pytest.mark.keras
+def test_keras_pam_benchmark_runs(tmp_path):
+    _check(_pam_rows(tmp_path, "keras"))
+
+
+@pytest.mark.parametrize("script", ["danet_step_benchmark.py", "tolerance_measure.py"])
+def test_other_benchmarks_parse_their_options(script):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]

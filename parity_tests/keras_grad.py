@@ -65,8 +65,6 @@ def keras_loss_and_grads(model, x: np.ndarray, weights, training: bool = True):
             var.assign(value)
         grads = [g_x] + list(g_vars)
     elif backend == "torch":
-        import torch
-
         xt = keras.ops.convert_to_tensor(x, dtype=str(x.dtype)).detach().clone().requires_grad_(True)
         for v in variables:
             v.value.grad = None

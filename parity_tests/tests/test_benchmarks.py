@@ -32,6 +32,10 @@ def _check(rows):
     for r in rows:
         assert set(r) == FIELDS and r["error"] == "", r
         assert r["official_ms"] > 0 and r["efficient_ms"] > 0 and r["official_mib"] >= 0, r
+        # The ratios the docs quote are the raw figures' quotients, not figures of their own.
+        assert r["time_ratio"] == pytest.approx(r["efficient_ms"] / r["official_ms"], rel=1e-12), r
+        if r["official_mib"] > 0:
+            assert r["memory_ratio"] == pytest.approx(r["efficient_mib"] / r["official_mib"], rel=1e-12), r
 
 
 def test_torch_pam_benchmark_runs(tmp_path):

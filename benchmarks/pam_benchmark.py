@@ -26,6 +26,7 @@ weight: torch autograd; Keras as ``fit`` would run it: TensorFlow
     python benchmarks/pam_benchmark.py --batch 1 --sizes 96 --dtypes float32
     KERAS_BACKEND=jax python benchmarks/pam_benchmark.py --framework keras --batch 1 --sizes 96 --dtypes float32
     python benchmarks/pam_benchmark.py --device cuda --batch 2 --sizes 64 128 181
+    python benchmarks/pam_benchmark.py --device cuda --part core --batch 2 --sizes 181 --dtypes float32 bfloat16
 
 Prints a Markdown table (``--json FILE`` also writes the rows).
 """
@@ -52,22 +53,31 @@ def _torch_case(args) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    pam = PositionAttention(args.channels, pam_path=args.path).to(device, dtype)
-    with torch.no_grad():
-        pam.gamma.fill_(1.0)
     backward = args.mode == "fwd+bwd"
-    x = torch.randn(args.batch, args.channels, args.size, args.size, device=device, dtype=dtype,
-                    requires_grad=backward)
+    if args.part == "core":  # q, k, v given: (B, C/8, N), (B, C/8, N), (B, C, N)
+        from danet_torch.pam import position_attention
+
+        n = args.size * args.size
+        inputs = [torch.randn(args.batch, c, n, device=device, dtype=dtype, requires_grad=backward)
+                  for c in (args.channels // 8, args.channels // 8, args.channels)]
+        call = lambda: position_attention(*inputs, path=args.path)  # noqa: E731
+    else:
+        pam = PositionAttention(args.channels, pam_path=args.path).to(device, dtype)
+        with torch.no_grad():
+            pam.gamma.fill_(1.0)
+        inputs = [torch.randn(args.batch, args.channels, args.size, args.size, device=device, dtype=dtype,
+                              requires_grad=backward)] + list(pam.parameters())
+        call = lambda: pam(inputs[0])  # noqa: E731
 
     def run():
         if backward:
-            x.grad = None
-            pam.zero_grad(set_to_none=True)
-            y = pam(x)
+            for t in inputs:
+                t.grad = None
+            y = call()
             (y.float() * y.float()).sum().backward()
         else:
             with torch.no_grad():
-                pam(x)
+                call()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -133,6 +143,48 @@ def _keras_step(layer, backward: bool):
     return torch_step
 
 
+def _keras_core_step(path: str, backward: bool):
+    """A function ``[q, k, v] -> outputs``: PAM's attention core, with the gradients of ``sum(y * y)`` when ``backward``."""
+    import keras
+
+    from danet_keras.pam import position_attention
+
+    backend = keras.backend.backend()
+    ops = keras.ops
+
+    def loss_of(q, k, v):
+        y = ops.cast(position_attention(q, k, v, path), "float32")
+        return ops.sum(y * y)
+
+    if backend == "jax":
+        import jax
+
+        fn = jax.jit(jax.grad(loss_of, argnums=(0, 1, 2)) if backward else lambda *t: position_attention(*t, path))
+        return lambda x: fn(*x)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function
+        def step(x):
+            if not backward:
+                return position_attention(*x, path)
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = loss_of(*x)
+            return tape.gradient(loss, x)
+
+        return step
+
+    def torch_step(x):
+        if not backward:
+            return position_attention(*x, path)
+        x = [t.detach().requires_grad_(True) for t in x]
+        loss_of(*x).backward()
+        return [t.grad for t in x]
+
+    return torch_step
+
+
 def _keras_case(args) -> dict:
     import keras
     import numpy as np
@@ -144,13 +196,19 @@ def _keras_case(args) -> dict:
 
         jax.config.update("jax_default_matmul_precision", "highest")
     keras.config.set_dtype_policy(args.dtype)
-    pam = PositionAttention(pam_path=args.path)
-    pam.build((None, None, None, args.channels))
-    pam.gamma.assign(np.ones((1,), "float32"))
-    x = keras.ops.convert_to_tensor(
-        np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, args.channels)),
-        dtype=args.dtype)
-    step = _keras_step(pam, args.mode == "fwd+bwd")
+    rng = np.random.default_rng(0)
+    if args.part == "core":  # q, k, v given: (B, N, C/8), (B, N, C/8), (B, N, C)
+        n = args.size * args.size
+        x = [keras.ops.convert_to_tensor(rng.standard_normal((args.batch, n, c)), dtype=args.dtype)
+             for c in (args.channels // 8, args.channels // 8, args.channels)]
+        step = _keras_core_step(args.path, args.mode == "fwd+bwd")
+    else:
+        pam = PositionAttention(pam_path=args.path)
+        pam.build((None, None, None, args.channels))
+        pam.gamma.assign(np.ones((1,), "float32"))
+        x = keras.ops.convert_to_tensor(rng.standard_normal((args.batch, args.size, args.size, args.channels)),
+                                        dtype=args.dtype)
+        step = _keras_step(pam, args.mode == "fwd+bwd")
 
     def run():
         out = step(x)
@@ -175,6 +233,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--channels", type=int, default=512)
+    p.add_argument("--part", choices=["layer", "core"], default="layer",
+                   help="layer: PositionAttention (convolutions, gamma, residual); core: the attention alone, "
+                        "q, k, v given")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per path (medians reported)")
     p.add_argument("--calls", type=int, default=2, help="timed calls per process (median)")
     p.add_argument("--block-elements", type=int, default=None,
@@ -194,7 +255,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(result))
         return 0
     rows, versions = [], ""
-    common = ["--framework", args.framework, "--device", args.device, "--batch", str(args.batch),
+    common = ["--framework", args.framework, "--device", args.device, "--batch", str(args.batch), "--part", args.part,
               "--channels", str(args.channels), "--calls", str(args.calls)]
     if args.block_elements:
         common += ["--block-elements", str(args.block_elements)]
@@ -209,7 +270,7 @@ def main(argv=None) -> int:
                              "efficient_mib": e["peak_mib"], "time_ratio": e["ms"] / o["ms"],
                              "memory_ratio": e["peak_mib"] / o["peak_mib"] if o["peak_mib"] else float("nan"),
                              "error": o["error"] or e["error"]})
-    print(f"{args.framework}, {args.device}, B={args.batch}, C={args.channels}, {versions}; {machine()}; "
+    print(f"{args.framework}, {args.device}, {args.part}, B={args.batch}, C={args.channels}, {versions}; {machine()}; "
           f"{processes(args.repeats)} per path, {args.calls} timed calls each")
     print()
     print("| H x W | N | dtype | pass | official ms | official MiB | efficient ms | efficient MiB "

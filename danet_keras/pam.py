@@ -26,6 +26,9 @@
   - float16/bfloat16 on a GPU (JAX, torch backends):
     ``keras.ops.dot_product_attention(scale=1)`` with V split into heads of
     q/k's width that share q and k (flash/cuDNN kernels need one head size).
+    On JAX, a forward pass that is not differentiated runs one Pallas kernel
+    instead (``_pam_pallas``: the energies computed twice for 512 channels,
+    not eight times; 6.9 against 10.9 ms at 181 x 181, B = 2).
 
 * ``"auto"`` is resolved once, when a layer is constructed
   (:func:`resolve_path`): ``"efficient"`` unless the environment variable
@@ -327,6 +330,11 @@ def position_attention_efficient(q, k, v):
     """
     half = keras.backend.standardize_dtype(q.dtype) in ("float16", "bfloat16")
     if half and v.shape[-1] % q.shape[-1] == 0 and _gpu_available():
+        if keras.backend.backend() == "jax":
+            from . import _pam_pallas
+
+            if _pam_pallas.available(q, v):
+                return _pam_pallas.position_attention(q, k, v, position_attention_kernel)
         return position_attention_kernel(q, k, v)
     if not isinstance(q.shape[1], int):
         return position_attention_official(q, k, v)

@@ -8,7 +8,8 @@ it; :class:`~danet_torch.PositionAttention` takes ``pam_path=``:
   attention is 324 MiB per image in float32 at a 96 x 96 feature map.
 * ``"efficient"``: never builds the ``N x N`` matrix.
 
-  - Blocks, on any device, in a :class:`torch.autograd.Function`: the
+  - Blocks (CPU; on CUDA float64 and what the kernels below refuse), in a
+    :class:`torch.autograd.Function`: the
     forward pass runs over blocks of queries and keeps, per query row, only
     the log-sum-exp of its energies besides Q, K, V and the output; the
     backward pass runs over blocks of keys, recomputes each block's
@@ -19,9 +20,13 @@ it; :class:`~danet_torch.PositionAttention` takes ``pam_path=``:
     reuses one such buffer, the backward pass two (``P`` and ``dS``). In
     float16/bfloat16, energies, softmax statistics and the ``dQ`` sum are
     float32; the products with V and dO run in the input dtype.
-  - CUDA, float16/bfloat16: ``scaled_dot_product_attention(scale=1.0)``
-    with V split into heads of q/k's width that share q and k (flash and
-    cuDNN kernels need one head size), and its own backward.
+  - CUDA, float16/bfloat16/float32: ``scaled_dot_product_attention(scale=1.0)``
+    and its own backward: in half precision V is split into heads that
+    share q and k (:func:`position_attention_kernel`: cuDNN's kernel takes
+    heads of 256 columns beside q/k's 64, flash kernels one head size);
+    float32 runs the memory-efficient kernel in one head. On a GPU the
+    blocks' long reductions (``P V`` over all ``N`` keys for a few hundred
+    queries) leave most of the chip idle (docs/BENCHMARKS.md).
 
 * ``"auto"`` (the default) is resolved once, when a layer is built
   (:func:`resolve_path`, as timm's ``use_fused_attn()``): ``"efficient"``,
@@ -40,6 +45,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "PAM_PATHS",
@@ -214,31 +220,60 @@ def position_attention_blocks(q, k, v, rows: int | None = None) -> torch.Tensor:
     return _PositionAttentionBlocks.apply(q, k, v, max(1, min(int(rows), q.shape[-1])))
 
 
+# V columns per head on cuDNN's attention kernel, which takes v wider than q/k: at
+# C = 512, C' = 64 two heads recompute the energies twice, not eight times.
+CUDNN_HEAD_V = 256
+
+
+def _sdpa_heads(q, k, v, head_v: int) -> torch.Tensor:
+    """``(B, N, C)`` from q, k ``(B, C', N)`` and v ``(B, C, N)``: V in heads of ``head_v`` that share q and k."""
+    b, ck, n = q.shape
+    heads = v.shape[1] // head_v
+    qh = q.transpose(1, 2).unsqueeze(1).expand(b, heads, n, ck).contiguous()
+    kh = k.transpose(1, 2).unsqueeze(1).expand(b, heads, n, ck).contiguous()
+    vh = v.transpose(1, 2).reshape(b, n, heads, head_v).transpose(1, 2).contiguous()
+    out = F.scaled_dot_product_attention(qh, kh, vh, scale=1.0)  # (B, heads, N, head_v)
+    return out.transpose(1, 2).reshape(b, n, heads * head_v)
+
+
+def _try_sdpa(backend, q, k, v, head_v: int):
+    """:func:`_sdpa_heads` on ``backend`` alone, or ``None`` where that kernel refuses the inputs."""
+    try:
+        with sdpa_kernel([backend]):
+            return _sdpa_heads(q, k, v, head_v)
+    except RuntimeError:  # no such kernel for this GPU, dtype, shape or version
+        return None
+
+
 def position_attention_kernel(q, k, v) -> torch.Tensor:
     """``scaled_dot_product_attention`` with ``scale=1.0`` (the official PAM has none).
 
-    In float16/bfloat16 with ``C % C' == 0`` and ``C'`` in 32, 64, 128, 256,
-    V is split into ``C // C'`` heads of width ``C'`` that share q and k.
+    float16/bfloat16 with ``C % C' == 0``: V split into heads that share q
+    and k, of :data:`CUDNN_HEAD_V` columns on cuDNN's kernel where it takes
+    them, else of q/k's width, which every fused kernel takes (at 181 x 181,
+    B = 2, C = 512: 6.6 against 10.5 ms, docs/BENCHMARKS.md). Otherwise one
+    head. Returns ``(B, C, N)``.
     """
-    b, ck, n = q.shape
-    c = v.shape[1]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N, C'), (B, N, C)
+    c, ck = v.shape[1], q.shape[1]
     if q.dtype in (torch.float16, torch.bfloat16) and c % ck == 0 and ck in (32, 64, 128, 256):
-        heads = c // ck
-        qh = qt.unsqueeze(1).expand(b, heads, n, ck).contiguous()
-        kh = kt.unsqueeze(1).expand(b, heads, n, ck).contiguous()
-        vh = vt.reshape(b, n, heads, ck).transpose(1, 2).contiguous()
-        out = F.scaled_dot_product_attention(qh, kh, vh, scale=1.0)  # (B, heads, N, ck)
-        return out.transpose(1, 2).reshape(b, n, c).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        qt.unsqueeze(1).contiguous(), kt.unsqueeze(1).contiguous(), vt.unsqueeze(1).contiguous(), scale=1.0)
-    return out.squeeze(1).transpose(1, 2)
+        out = None
+        if q.is_cuda and c % CUDNN_HEAD_V == 0 and CUDNN_HEAD_V > ck:
+            out = _try_sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, CUDNN_HEAD_V)
+        if out is None:
+            out = _sdpa_heads(q, k, v, ck)
+    else:
+        out = _sdpa_heads(q, k, v, c)
+    return out.transpose(1, 2)
 
 
 def position_attention_efficient(q, k, v) -> torch.Tensor:
-    """The efficient path: the attention kernel on CUDA in half precision, else blocks of queries."""
+    """The efficient path: on CUDA the attention kernels (float32: the memory-efficient one), else blocks."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return position_attention_kernel(q, k, v)
+    if q.is_cuda and q.dtype == torch.float32:
+        out = _try_sdpa(SDPBackend.EFFICIENT_ATTENTION, q, k, v, v.shape[1])
+        if out is not None:
+            return out.transpose(1, 2)
     return position_attention_blocks(q, k, v)
 
 

@@ -110,10 +110,21 @@ def position_attention(x, wq, bq, wk, bk, wv, bv, gamma):
     q = conv2d(x, wq, bq).reshape(b, -1, h * w)
     k = conv2d(x, wk, bk).reshape(b, -1, h * w)
     v = conv2d(x, wv, bv).reshape(b, -1, h * w)
-    energy = np.einsum("bcn,bcm->bnm", q, k)  # no 1/sqrt(d): the official PAM
-    attention = softmax(energy, axis=-1)
-    out = np.einsum("bcm,bnm->bcn", v, attention).reshape(b, c, h, w)
-    return float(np.ravel(gamma)[0]) * out + x
+    out = position_attention_core(*(t.transpose(0, 2, 1) for t in (q, k, v)))
+    return float(np.ravel(gamma)[0]) * out.transpose(0, 2, 1).reshape(b, c, h, w) + x
+
+
+def position_attention_core(q, k, v):
+    """PAM's attention on tokens, float64: ``softmax(Q K^T) V`` for ``(B, N, C'), (B, N, C'), (B, N, C)``."""
+    energy = np.einsum("bnc,bmc->bnm", _f64(q), _f64(k))  # no 1/sqrt(d): the official PAM
+    return np.einsum("bnm,bmc->bnc", softmax(energy, axis=-1), _f64(v))
+
+
+def position_attention_log_sum_exp(q, k):
+    """``(B, N, 1)``: the log-sum-exp of each query's energies ``Q K^T`` (tokens, as above), float64."""
+    energy = np.einsum("bnc,bmc->bnm", _f64(q), _f64(k))
+    top = energy.max(axis=-1, keepdims=True)
+    return top + np.log(np.exp(energy - top).sum(axis=-1, keepdims=True))
 
 
 def channel_attention(x, gamma):

@@ -92,6 +92,69 @@ def test_kernel_path_equals_official(rng):
     check("kernel path", keras.ops.convert_to_numpy(pam.position_attention_kernel(q, k, v)), expected)
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="the Pallas kernel is JAX's")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_pallas_kernel_against_float64(dtype, rng):
+    """The kernel in Pallas' interpreter (on any device): several key blocks, the last one not full."""
+    from danet_keras import _pam_pallas
+
+    q, k = (rng.standard_normal((2, 45, 16)).astype(dtype) for _ in range(2))
+    v = rng.standard_normal((2, 45, 64)).astype(dtype)
+    out, lse = _pam_pallas.position_attention_forward(q, k, v, block_q=16, block_k=16, block_v=32, interpret=True)
+    check(f"Pallas kernel {dtype}", np.asarray(out), ref.position_attention_core(q, k, v), dtype)
+    check(f"Pallas kernel {dtype} log-sum-exp", np.asarray(lse), ref.position_attention_log_sum_exp(q, k), "float32")
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the Pallas kernel is JAX's")
+def test_pallas_path_runs_the_kernel_and_differentiates_the_given_function(rng):
+    import jax
+
+    from danet_keras import _pam_pallas
+
+    q, k = (rng.standard_normal((2, 45, 16)).astype("float32") for _ in range(2))
+    v, weight = (rng.standard_normal((2, 45, 64)).astype("float32") for _ in range(2))
+    calls = []
+
+    def differentiable(*t):
+        calls.append(1)
+        return pam.position_attention_official(*t)
+
+    got = _pam_pallas.position_attention(q, k, v, differentiable, True)
+    assert not calls  # a plain call runs the kernel alone
+    check("Pallas path output", np.asarray(got), ref.position_attention_core(q, k, v))
+    grads = jax.grad(lambda *t: (_pam_pallas.position_attention(*t, differentiable, True) * weight).sum(),
+                     argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *t: (pam.position_attention_official(*t) * weight).sum(), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip(("dq", "dk", "dv"), grads, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="the GPU kernels run on JAX and torch")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_half_precision_efficient_path_against_float64(dtype, rng, monkeypatch):
+    calls = []
+    if BACKEND == "jax":
+        from danet_keras import _pam_pallas
+
+        kernel = _pam_pallas.position_attention_forward
+        monkeypatch.setattr(_pam_pallas, "position_attention_forward", lambda *a, **kw: calls.append(1) or kernel(
+            *a, **kw))
+    q, k = (rng.standard_normal((2, 33 * 35, 64)).astype("float32") for _ in range(2))
+    v, weight = (rng.standard_normal((2, 33 * 35, 512)).astype("float32") for _ in range(2))
+    with _dtype_enabled("float64"):
+        expected = _core_grads(pam.position_attention_official, *(t.astype("float64") for t in (q, k, v)),
+                               weight.astype("float64"))
+    half = [keras.ops.cast(t, dtype) for t in (q, k, v)]
+    value = keras.ops.convert_to_numpy(keras.ops.cast(pam.position_attention_efficient(*half), "float32"))
+    check(f"GPU efficient {dtype}", value, expected[0], dtype)
+    assert calls or BACKEND != "jax"  # JAX: the Pallas kernel gave the value
+    got = _core_grads(lambda *t: keras.ops.cast(pam.position_attention_efficient(
+        *(keras.ops.cast(x, dtype) for x in t)), "float32"), q, k, v, weight)
+    for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
+        check(f"GPU efficient {dtype} {name}", g, e, dtype, "grad")
+
+
 def _layer_pair(shape, dtype, rng):
     """An official and an efficient PAM with the same random weights (gamma 0.9)."""
     layers = {}

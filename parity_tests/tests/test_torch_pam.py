@@ -203,10 +203,13 @@ def test_block_rows_rule():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_v", [pam.CUDNN_HEAD_V, 64], ids=["cudnn-heads", "q-width-heads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_efficient_equals_official(dtype):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_cuda_efficient_equals_official(dtype, head_v, monkeypatch):
+    """Values and gradients on every CUDA route: cuDNN's wide heads, heads of q/k's width, float32's one head."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(pam, "CUDNN_HEAD_V", head_v)
     q, k, v = (t.cuda().requires_grad_(True) for t in _qkv(2, 64, 512, 33 * 35, dtype))
     weight = torch.randn(2, 512, 33 * 35, generator=torch.Generator().manual_seed(1), dtype=torch.float64).cuda()
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
@@ -215,6 +218,21 @@ def test_cuda_efficient_equals_official(dtype):
     _check(f"cuda efficient {dtype}", got[0], expected[0], dtype)
     for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
         _check(f"cuda efficient {dtype} {name}", g, e, dtype, scope="grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_efficient_path_never_builds_the_n_by_n_matrix(dtype):
+    n = 96 * 96
+    q, k, v = (t.cuda().requires_grad_(True) for t in _qkv(2, 64, 512, n, dtype))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    y = pam.position_attention_efficient(q, k, v)
+    (y.float() * y.float()).sum().backward()
+    torch.cuda.synchronize()
+    attention_bytes = 2 * n * n * torch.finfo(dtype).bits // 8
+    assert torch.cuda.max_memory_allocated() - start < attention_bytes // 4
 
 
 def test_blocks_never_build_the_n_by_n_matrix(monkeypatch):

@@ -14,7 +14,7 @@ import keras
 from keras import ops
 
 from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
-from .layers import Conv2d, backend_result_type
+from .layers import Conv2d, backend_result_type, row_max
 from .pam import bmm as _bmm
 from .pam import softmax as _softmax
 from .pam import check_path, path_from_legacy, position_attention_efficient, position_attention_official, resolve_path
@@ -185,8 +185,7 @@ class ChannelAttention(_Attention):
         x = ops.cast(inputs, dtype)
         xf = _tokens(x, self.data_format)  # (B, N, C)
         energy = _bmm(ops.transpose(xf, (0, 2, 1)), xf)  # (B, C, C)
-        # `initial` only lets an empty batch through (backends refuse the max of an empty tensor).
-        energy_new = ops.max(energy, axis=-1, keepdims=True, initial=float("-inf")) - energy
+        energy_new = row_max(energy) - energy
         attention = _softmax(energy_new, axis=-1)
         out = _untokens(_bmm(xf, ops.transpose(attention, (0, 2, 1))), x, self.data_format)
         y = ops.cast(self.gamma, dtype) * out + x

@@ -222,6 +222,20 @@ def _synchronized_moments(x, axes, replicas):
     return tf.squeeze(mean, axes), tf.squeeze(variance, axes), count
 
 
+def row_max(x):
+    """``max`` over the last axis, kept, on every backend and device, also for an empty batch.
+
+    Keras 3.15 refuses the max of a tensor with a zero-size axis unless given
+    ``initial``, and its torch backend builds that ``initial`` on the CPU,
+    which fails beside a CUDA tensor; torch's own ``amax`` takes both.
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.amax(x, dim=-1, keepdim=True)
+    return ops.max(x, axis=-1, keepdims=True, initial=float("-inf"))
+
+
 def backend_result_type(dtype):
     """float64 stays float64; everything else is computed in float32."""
     return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"

@@ -48,7 +48,7 @@ import warnings
 import keras
 from keras import ops
 
-from .layers import backend_result_type
+from .layers import backend_result_type, row_max
 
 __all__ = [
     "PAM_PATHS",
@@ -207,9 +207,7 @@ def _blocks_forward(q, k, v, rows):
         energy = ops.einsum("brc,bnc->brn", x[0], ks)  # (B, rows, N), float32 (float64 stays)
         p = softmax(energy, axis=-1)
         # log-sum-exp = max(E) + log(sum(exp(E - max))) = max(E) - log(max(P)): two reductions, no tile.
-        # (`initial` lets an empty batch through: backends refuse the max of an empty tensor.)
-        lse = (ops.max(energy, axis=-1, keepdims=True, initial=float("-inf"))
-               - ops.log(ops.max(p, axis=-1, keepdims=True, initial=0.0)))
+        lse = row_max(energy) - ops.log(row_max(p))
         return carry, (ops.cast(ops.einsum("brn,bnc->brc", ops.cast(p, dtype), v), dtype), lse)
 
     blocks = (n + rows - 1) // rows

@@ -89,3 +89,17 @@ def test_resize_with_dynamic_sizes(rng):
     x = rng.normal(0, 1, (1, 3, 5, 6))
     y = model.predict(nhwc(x).astype("float32"), verbose=0)
     check("dynamic resize", nchw(y), ref.resize_bilinear_align_corners(x, (9, 11)))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="the torch backend's `max(initial=)` builds CPU tensors")
+def test_row_max_stays_on_the_inputs_device():
+    """CAM and PAM's row maxima on another device than the CPU (``meta`` here; CUDA on a GPU machine)."""
+    import torch
+
+    from danet_keras.layers import row_max
+
+    x = torch.empty(2, 3, 4, device="meta")
+    assert row_max(x).device == x.device and tuple(row_max(x).shape) == (2, 3, 1)
+    values = torch.tensor([[[1.0, -2.0, 5.0]], [[-1.0, -3.0, -2.0]]])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(row_max(values)), [[[5.0]], [[-1.0]]])
+    assert tuple(row_max(torch.zeros(0, 3, 4)).shape) == (0, 3, 1)

@@ -60,9 +60,9 @@ def _core_grads(fn, q, k, v, weight):
     else:
         import torch
 
-        q, k, v = (torch.tensor(t, requires_grad=True) for t in (q, k, v))
+        q, k, v = (ops.convert_to_tensor(t).detach().requires_grad_(True) for t in (q, k, v))  # Keras' device
         y = fn(q, k, v)
-        (y * torch.tensor(weight)).sum().backward()
+        (y * ops.convert_to_tensor(weight)).sum().backward()
         grads = [y, q.grad, k.grad, v.grad]
     return [np.asarray(ops.convert_to_numpy(g)) for g in grads]
 

@@ -223,7 +223,7 @@ def test_cuda_efficient_equals_official(dtype, head_v, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_efficient_path_never_builds_the_n_by_n_matrix(dtype):
-    n = 96 * 96
+    n = 181 * 181
     q, k, v = (t.cuda().requires_grad_(True) for t in _qkv(2, 64, 512, n, dtype))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -47,7 +47,7 @@ def test_keras_pam_benchmark_runs(tmp_path):
     _check(_pam_rows(tmp_path, "keras"))
 
 
-@pytest.mark.parametrize("script", ["danet_step_benchmark.py", "tolerance_measure.py"])
+@pytest.mark.parametrize("script", ["danet_step_benchmark.py", "tolerance_measure.py", "pam_gpu_kernels.py"])
 def test_other_benchmarks_parse_their_options(script):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                           timeout=120)

@@ -58,8 +58,6 @@ def _core_grads(fn, q, k, v, weight):
         grads = [fn(q, k, v)] + list(jax.jit(jax.grad(lambda *t: ops.sum(fn(*t) * weight), argnums=(0, 1, 2)))(
             q, k, v))
     else:
-        import torch
-
         q, k, v = (ops.convert_to_tensor(t).detach().requires_grad_(True) for t in (q, k, v))  # Keras' device
         y = fn(q, k, v)
         (y * ops.convert_to_tensor(weight)).sum().backward()

@@ -1,0 +1,185 @@
+"""PAM's attention core on a GPU: the kernels the efficient path could run, side by side.
+
+PAM's q and k are ``C/8`` wide and v is ``C`` wide, a shape fused attention
+kernels take in different ways: V split into heads of q/k's width (every
+kernel; the energies and exponentials are recomputed ``8`` times), heads of
+128 or 256 columns beside q/k's 64 (cuDNN's kernel; 4 or 2 times), q and k
+zero-padded to the heads' width, one head (the memory-efficient kernel), or
+our own Pallas kernel on JAX. This script times each on the same inputs,
+B = 2, C = 512, in one process (CUDA events in torch, wall clock after
+``block_until_ready`` on JAX; the median of ``--calls`` calls after two
+warm-ups) with the peak memory above the inputs (torch), and the float32
+candidates: the official path, the blocks at several block sizes, and the
+memory-efficient kernel. TF32 is off throughout.
+
+    python benchmarks/pam_gpu_kernels.py --framework torch --size 181
+    python benchmarks/pam_gpu_kernels.py --framework jax --size 181
+
+The efficient path's choices (``danet_torch.pam``, ``danet_keras.pam``) and
+docs/BENCHMARKS.md rest on these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import machine  # noqa: E402
+
+__all__ = ["main"]
+
+
+def _torch(args) -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from danet_torch import pam
+
+    if not torch.cuda.is_available():
+        raise SystemExit("pam_gpu_kernels.py --framework torch needs CUDA: no CUDA device on this machine.")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}")
+    n = args.size * args.size
+
+    def inputs(dtype):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        return [torch.randn(2, c, n, device="cuda", generator=g).to(dtype) for c in (64, 64, 512)]
+
+    def report(name, fn):
+        try:
+            for _ in range(2):
+                fn()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            times = []
+            for _ in range(args.calls):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            print(f"| {name} | {sorted(times)[len(times) // 2]:.2f} | {peak:.0f} |")
+        except RuntimeError as err:  # a kernel that refuses the inputs
+            print(f"| {name} | refused: {str(err).splitlines()[0][:80]} | |")
+
+    def heads(q, k, v, width, backend=None, pad=False):
+        b, ck, _ = q.shape
+        qt, kt = q.transpose(1, 2), k.transpose(1, 2)
+        if pad and width > ck:
+            qt, kt = F.pad(qt, (0, width - ck)), F.pad(kt, (0, width - ck))
+        count, d = v.shape[1] // width, qt.shape[-1]
+        qh = qt.unsqueeze(1).expand(b, count, n, d).contiguous()
+        kh = kt.unsqueeze(1).expand(b, count, n, d).contiguous()
+        vh = v.transpose(1, 2).reshape(b, n, count, width).transpose(1, 2).contiguous()
+        if backend is None:
+            return F.scaled_dot_product_attention(qh, kh, vh, scale=1.0)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(qh, kh, vh, scale=1.0)
+
+    print(f"\nbfloat16 forward, B = 2, {args.size} x {args.size}, C = 512\n")
+    print("| kernel | ms | MiB above the inputs |\n|---|---|---|")
+    q, k, v = inputs(torch.bfloat16)
+    with torch.no_grad():
+        report("official: bmm + softmax", lambda: pam.position_attention_official(q, k, v))
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            report(f"SDPA, 8 heads of 64, {backend.name}", lambda: heads(q, k, v, 64, backend))
+        for width in (128, 256):
+            for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+                report(f"SDPA, q/k 64, heads of {width}, {backend.name}", lambda: heads(q, k, v, width, backend))
+            report(f"SDPA, q/k padded to {width}, heads of {width}, default", lambda: heads(q, k, v, width, pad=True))
+        report("SDPA, one head of 512, EFFICIENT_ATTENTION",
+               lambda: heads(q, k, v, 512, SDPBackend.EFFICIENT_ATTENTION))
+        report("danet_torch efficient path", lambda: pam.position_attention_efficient(q, k, v))
+    print(f"\nfloat32 forward, B = 2, {args.size} x {args.size}, C = 512\n")
+    print("| kernel | ms | MiB above the inputs |\n|---|---|---|")
+    q, k, v = inputs(torch.float32)
+    with torch.no_grad():
+        report("official: bmm + softmax", lambda: pam.position_attention_official(q, k, v))
+        for elements in (1 << 22, 1 << 24):
+            rows = max(1, elements // (2 * n))
+            report(f"blocks of {rows} queries ({elements >> 20}M elements)",
+                   lambda: pam.position_attention_blocks(q, k, v, rows))
+        report("SDPA, one head of 512, EFFICIENT_ATTENTION",
+               lambda: heads(q, k, v, 512, SDPBackend.EFFICIENT_ATTENTION))
+
+
+def _jax(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from danet_keras import _pam_pallas
+
+    if jax.devices()[0].platform != "gpu":
+        raise SystemExit("pam_gpu_kernels.py --framework jax needs a GPU: JAX sees none on this machine.")
+    jax.config.update("jax_default_matmul_precision", "highest")
+    print(f"JAX {jax.__version__}, {jax.devices()[0].device_kind}")
+    n = args.size * args.size
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, n, c)), jnp.bfloat16) for c in (64, 64, 512))
+
+    def report(name, fn):
+        try:
+            for _ in range(2):
+                jax.block_until_ready(fn(q, k, v))
+            times = []
+            for _ in range(args.calls):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(q, k, v))
+                times.append((time.perf_counter() - start) * 1e3)
+            print(f"| {name} | {sorted(times)[len(times) // 2]:.2f} |")
+        except Exception as err:  # noqa: BLE001 - a kernel that refuses the inputs
+            print(f"| {name} | refused: {str(err).splitlines()[0][:80]} |")
+
+    @jax.jit
+    def official(q, k, v):
+        energy = jnp.einsum("bnc,bmc->bnm", q, k, preferred_element_type=jnp.float32)
+        return jnp.einsum("bnm,bmc->bnc", jax.nn.softmax(energy, -1).astype(v.dtype), v)
+
+    def heads(width, implementation):
+        def fn(q, k, v):
+            count = v.shape[-1] // width
+            qh, kh = (jnp.repeat(t[:, :, None], count, 2) for t in (q, k))
+            out = jax.nn.dot_product_attention(qh, kh, v.reshape(2, n, count, width), scale=1.0,
+                                               implementation=implementation)
+            return out.reshape(v.shape)
+        return jax.jit(fn)
+
+    print(f"\nbfloat16 forward, B = 2, {args.size} x {args.size}, C = 512\n")
+    print("| kernel | ms |\n|---|---|")
+    report("official: matmul + softmax (float32)", official)
+    for width in (64, 256):
+        for implementation in ("cudnn", None):
+            report(f"dot_product_attention, q/k 64, heads of {width}, implementation={implementation}",
+                   heads(width, implementation))
+    for tiles in ((128, 64, 256, 8, 2), (64, 64, 256, 4, 2), (128, 64, 128, 8, 3), (128, 128, 256, 8, 2)):
+        report("Pallas kernel, tiles (queries, keys, V columns, warps, stages) = " + str(tiles),
+               lambda q, k, v, tiles=tiles: _pam_pallas.position_attention_forward(q, k, v, *tiles))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--framework", choices=["torch", "jax"], default="torch")
+    p.add_argument("--size", type=int, default=181, help="H = W of the feature map")
+    p.add_argument("--calls", type=int, default=8, help="timed calls per kernel (median)")
+    args = p.parse_args(argv)
+    print(machine())
+    if args.framework == "torch":
+        _torch(args)
+    else:
+        _jax(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

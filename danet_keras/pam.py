@@ -15,9 +15,10 @@
     ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK = dS^T Q``
     (flash attention's backward). A block has
     ``B * rows * N <= BLOCK_ELEMENTS`` attention elements (the same rule
-    and value as ``danet_torch``). In float16/bfloat16, energies, softmax
-    statistics and the ``dQ`` sum are float32; the products with V and dO
-    run in the input dtype.
+    and value as ``danet_torch``), the rows spread evenly over the blocks
+    (the last block is padded with zero rows, which cost as much as real
+    ones). In float16/bfloat16, energies, softmax statistics and the ``dQ``
+    sum are float32; the products with V and dO run in the input dtype.
     TensorFlow and JAX: one ``keras.ops`` implementation under
     ``keras.ops.custom_gradient``, the blocks in a ``scan`` (one block live
     at a time, XLA and TensorFlow graphs included). Keras' torch backend:
@@ -122,6 +123,18 @@ def block_rows(batch, n):
     if isinstance(batch, int) and isinstance(n, int):
         return max(1, min(n, BLOCK_ELEMENTS // max(1, batch * n)))
     return ops.maximum(1, ops.minimum(n, BLOCK_ELEMENTS // ops.maximum(1, batch * n)))
+
+
+def _even_rows(rows, n):
+    """At most ``rows`` rows per block over as few blocks as ``rows`` allows, spread evenly.
+
+    ``_split`` pads the last block with zero rows, and padded rows cost as
+    much as real ones: ``N = 9216`` in blocks of 455 rows makes 21 blocks
+    that hold 9555 rows (3.7% more work), in blocks of 439 rows 9219.
+    """
+    n = max(1, n) if isinstance(n, int) else ops.maximum(1, n)  # N = 0 keeps one row
+    blocks = (n + rows - 1) // rows
+    return (n + blocks - 1) // blocks
 
 
 def softmax(x, axis=-1):
@@ -255,14 +268,15 @@ def position_attention_blocks(q, k, v, rows=None):
 
     Args:
         q, k: ``(B, N, C')``. v: ``(B, N, C)``.
-        rows: Rows per block (default :func:`block_rows`).
+        rows: Rows per block (default: :func:`block_rows` rows at most, spread
+            evenly over the blocks, so that the last block is (nearly) full).
 
     Returns:
         ``(B, N, C)``.
     """
     b, n = _sizes(q)
     if rows is None:
-        rows = block_rows(b, n)
+        rows = _even_rows(block_rows(b, n), n)
     elif isinstance(n, int):
         rows = max(1, min(int(rows), n))
     if keras.backend.backend() == "torch":

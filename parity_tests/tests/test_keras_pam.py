@@ -357,6 +357,16 @@ def test_block_rows_rule():
     assert pam.block_rows(2, 9216) * 2 * 9216 <= pam.BLOCK_ELEMENTS
     assert pam.block_rows(1, 100) == 100
     assert pam.block_rows(64, pam.BLOCK_ELEMENTS) == 1
+    assert pam._even_rows(pam.block_rows(1, 9216), 9216) == 439  # 21 blocks hold 9219 rows, not 21 * 455 = 9555
+
+
+@pytest.mark.parametrize("n, cap", [(9216, 455), (1155, 150), (63, 10), (64, 16), (7, 1), (5, 9), (0, 1)])
+def test_even_rows_keep_the_cap_and_the_block_count(n, cap):
+    rows = pam._even_rows(cap, n)
+    blocks = max(1, -(-n // cap))
+    assert 1 <= rows <= cap
+    assert -(-max(1, n) // rows) == blocks  # as few blocks as the cap allows
+    assert blocks * rows - max(1, n) < blocks  # fewer padded rows than blocks
 
 
 def test_same_vocabulary_and_block_rule_as_torch():

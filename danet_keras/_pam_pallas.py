@@ -8,7 +8,7 @@ streams blocks of keys past a block of queries as flash attention does
 (online softmax, float32 statistics and accumulator) and splits only the
 ``C`` columns of V over programs, ``BLOCK_V`` at a time: the energies are
 recomputed ``C // BLOCK_V`` times (two for 512 channels), not ``C // C'``
-times. The same kernel as ``danet_torch``'s Triton one, written in Pallas.
+times.
 
 :func:`position_attention` is a ``jax.custom_vjp``: called plainly (``predict``,
 a jitted forward) it runs this kernel; differentiated (``fit``, ``jax.grad``)
@@ -41,7 +41,7 @@ def available(q, v) -> bool:
             and 16 <= ck <= 256 and ck & (ck - 1) == 0 and c % min(BLOCK_V, c) == 0)
 
 
-def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, n, block_k):
+def _kernel(q_ref, k_ref, v_ref, o_ref, *, n, block_k):
     q = q_ref[...]
     block_q = q.shape[0]
 
@@ -60,16 +60,15 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, n, block_k):
 
     init = (jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
-    acc, m, total = lax.fori_loop(0, k_ref.shape[0] // block_k, body, init)
+    acc, _, total = lax.fori_loop(0, k_ref.shape[0] // block_k, body, init)
     o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = (m + jnp.log2(total)) * math.log(2.0)
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "block_v", "num_warps", "num_stages",
                                              "interpret"))
 def position_attention_forward(q, k, v, block_q=BLOCK_Q, block_k=BLOCK_K, block_v=BLOCK_V, num_warps=NUM_WARPS,
                                num_stages=NUM_STAGES, interpret=False):
-    """``(out (B, N, C), lse (B, N, 1) float32)`` from q, k ``(B, N, C')`` and v ``(B, N, C)``."""
+    """``(B, N, C)`` from q, k ``(B, N, C')`` and v ``(B, N, C)``; ``N`` is padded to whole tiles inside."""
     b, n, ck = q.shape
     c = v.shape[-1]
     block_v = min(block_v, c)
@@ -82,20 +81,19 @@ def position_attention_forward(q, k, v, block_q=BLOCK_Q, block_k=BLOCK_K, block_
         from jax.experimental.pallas import triton as plgpu
 
         params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    out, lse = pl.pallas_call(
+    out = pl.pallas_call(
         functools.partial(_kernel, n=n, block_k=block_k),
         grid=(padded // block_q, b, c // block_v),
         in_specs=[pl.BlockSpec((None, block_q, ck), lambda i, j, h: (j, i, 0)),
                   pl.BlockSpec((None, padded, ck), lambda i, j, h: (j, 0, 0)),
                   pl.BlockSpec((None, padded, block_v), lambda i, j, h: (j, 0, h))],
-        out_specs=[pl.BlockSpec((None, block_q, block_v), lambda i, j, h: (j, i, h)),
-                   pl.BlockSpec((None, block_q), lambda i, j, h: (j, i))],
-        out_shape=[jax.ShapeDtypeStruct((b, padded, c), v.dtype), jax.ShapeDtypeStruct((b, padded), jnp.float32)],
+        out_specs=pl.BlockSpec((None, block_q, block_v), lambda i, j, h: (j, i, h)),
+        out_shape=jax.ShapeDtypeStruct((b, padded, c), v.dtype),
         interpret=interpret,
         name="pam_forward",
         **params,
     )(q, k, v)
-    return out[:, :n], lse[:, :n, None]
+    return out[:, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -106,8 +104,8 @@ def position_attention(q, k, v, differentiable, interpret=False):
     """
     if interpret:
         return position_attention_forward(q, k, v, block_q=16, block_k=16, block_v=min(32, v.shape[-1]),
-                                          interpret=True)[0]
-    return position_attention_forward(q, k, v)[0]
+                                          interpret=True)
+    return position_attention_forward(q, k, v)
 
 
 def _forward(q, k, v, differentiable, interpret):

@@ -120,13 +120,6 @@ def position_attention_core(q, k, v):
     return np.einsum("bnm,bmc->bnc", softmax(energy, axis=-1), _f64(v))
 
 
-def position_attention_log_sum_exp(q, k):
-    """``(B, N, 1)``: the log-sum-exp of each query's energies ``Q K^T`` (tokens, as above), float64."""
-    energy = np.einsum("bnc,bmc->bnm", _f64(q), _f64(k))
-    top = energy.max(axis=-1, keepdims=True)
-    return top + np.log(np.exp(energy - top).sum(axis=-1, keepdims=True))
-
-
 def channel_attention(x, gamma):
     """Channel attention module (CAM) with the official max-subtraction, float64.
 

@@ -98,9 +98,8 @@ def test_pallas_kernel_against_float64(dtype, rng):
 
     q, k = (rng.standard_normal((2, 45, 16)).astype(dtype) for _ in range(2))
     v = rng.standard_normal((2, 45, 64)).astype(dtype)
-    out, lse = _pam_pallas.position_attention_forward(q, k, v, block_q=16, block_k=16, block_v=32, interpret=True)
+    out = _pam_pallas.position_attention_forward(q, k, v, block_q=16, block_k=16, block_v=32, interpret=True)
     check(f"Pallas kernel {dtype}", np.asarray(out), ref.position_attention_core(q, k, v), dtype)
-    check(f"Pallas kernel {dtype} log-sum-exp", np.asarray(lse), ref.position_attention_log_sum_exp(q, k), "float32")
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the Pallas kernel is JAX's")

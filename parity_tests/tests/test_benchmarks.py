@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -42,9 +45,41 @@ def test_torch_pam_benchmark_runs(tmp_path):
     _check(_pam_rows(tmp_path, "torch"))
 
 
+def _one_case(framework: str, part: str, path: str, mode: str) -> dict:
+    """One measurement of ``pam_benchmark.py`` in this process (its ``--one-case``), as its fresh processes run it."""
+    spec = importlib.util.spec_from_file_location("pam_benchmark", BENCHMARKS / "pam_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert module.main(["--framework", framework, "--part", part, "--batch", "1", "--channels", "32",
+                            "--calls", "1", "--one-case", path, "8", "float32", mode]) == 0
+    (line,) = [x for x in printed.getvalue().splitlines() if x.startswith("RESULT ")]
+    return json.loads(line[len("RESULT "):])
+
+
+def _check_cases(framework: str, part: str):
+    for path in ("official", "efficient"):
+        for mode in ("fwd", "fwd+bwd"):
+            result = _one_case(framework, part, path, mode)
+            assert result["ms"] > 0 and result["peak_mib"] >= 0 and result["versions"], (path, mode, result)
+
+
 @pytest.mark.keras
-def test_keras_pam_benchmark_runs(tmp_path):
-    _check(_pam_rows(tmp_path, "keras"))
+@pytest.mark.parametrize("part", ["layer", "core"])
+def test_keras_pam_benchmark_cases_run(part):
+    """Every Keras case on this backend, in process (the table around them is the torch test's, shared)."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    try:
+        _check_cases("keras", part)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def test_torch_pam_benchmark_core_cases_run():
+    _check_cases("torch", "core")
 
 
 @pytest.mark.parametrize("script", ["danet_step_benchmark.py", "tolerance_measure.py", "pam_gpu_kernels.py"])

@@ -55,8 +55,9 @@ def test_danet50_outputs_match_in_float32():
 
 def test_danet101_outputs_match_in_float64():
     """DANet-101 with random weights is ill-conditioned in float32: torch float32 itself is 3.5e-2 off
-    torch float64 on outputs of magnitude 86 at 97x129. In float64 both frameworks must agree tightly."""
-    _assert_rows(harness.run_component("danet101", size=(97, 129), batch=1, device=DEVICE, dtype="float64",
+    torch float64 on outputs of magnitude 86 at 97x129. In float64 both frameworks must agree tightly
+    (at 49x57, a 7x8 feature map, odd both ways: the size costs time, not coverage)."""
+    _assert_rows(harness.run_component("danet101", size=(49, 57), batch=1, device=DEVICE, dtype="float64",
                                        gradients=False))
 
 

@@ -72,6 +72,8 @@ def _torch(args) -> None:
         except RuntimeError as err:  # a kernel that refuses the inputs
             print(f"| {name} | refused: {str(err).splitlines()[0][:80]} | |")
 
+    # The split of danet_torch.pam._sdpa_heads without its final reshape to (B, N, C): the table gives each
+    # kernel's own time and memory (the efficient path's rows in pam_benchmark.py include that copy).
     def heads(q, k, v, width, backend=None, pad=False):
         b, ck, _ = q.shape
         qt, kt = q.transpose(1, 2), k.transpose(1, 2)

@@ -43,6 +43,7 @@ size alone keeps the blocks, sized in the graph.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -283,6 +284,27 @@ def position_attention_blocks(q, k, v, rows=None):
         from ._pam_torch import position_attention_blocks_torch
 
         return position_attention_blocks_torch(*(ops.convert_to_tensor(t) for t in (q, k, v)), rows)
+    if keras.backend.backend() == "jax" and isinstance(n, int):
+        return _jax_blocks_jit()(q, k, v, rows)
+    return _attend_blocks(q, k, v, rows)
+
+
+@functools.cache
+def _jax_blocks_jit():
+    """:func:`_attend_blocks` under one ``jax.jit`` (``rows`` static), made once.
+
+    Called eagerly, JAX would compile each operation of the blocks (the
+    split, the scan, the merge) on its own for every new shape; compiled
+    whole it is one compilation per shape. Inside a traced function (``fit``,
+    ``predict``, ``jax.grad``) the ``jit`` is inlined and changes nothing.
+    """
+    import jax
+
+    return jax.jit(_attend_blocks, static_argnums=3)
+
+
+def _attend_blocks(q, k, v, rows):
+    """The blocks' forward under ``keras.ops.custom_gradient``, the backward from the saved statistics."""
 
     @ops.custom_gradient
     def attend(q, k, v):

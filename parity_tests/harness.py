@@ -183,8 +183,30 @@ def torch_outputs(model, x: np.ndarray, dtype: str = "float32", device: str = "c
     return [o.detach().double().cpu().numpy() for o in outs]
 
 
+def keras_inference(model, x):
+    """``model(x, training=False)``; on JAX compiled whole, as Keras' ``predict`` runs a model there.
+
+    Eager JAX compiles every operation of a new shape on its own (XLA's CPU
+    compiler takes tens of milliseconds each, hundreds of them for a DANet);
+    one ``jax.jit`` of the whole call compiles once. The call inside is the
+    same ``model(...)`` (its ``__call__``: input casting, autocast), with the
+    variables passed in through a ``StatelessScope``.
+    """
+    if keras.backend.backend() != "jax" or not model.built:  # an unbuilt model creates its variables here
+        return model(x, training=False)
+    import jax
+
+    variables = list(model.variables)
+
+    def call(values, x):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return model(x, training=False)
+
+    return jax.jit(call)([v.value for v in variables], x)
+
+
 def keras_outputs(model, x: np.ndarray, dtype: str = "float32"):
-    out = model(nhwc(x).astype("float64" if dtype == "float64" else "float32"), training=False)
+    out = keras_inference(model, nhwc(x).astype("float64" if dtype == "float64" else "float32"))
     out = out if isinstance(out, (tuple, list)) else (out,)
     return [nchw(keras.ops.convert_to_numpy(o)).astype(np.float64) for o in out]
 

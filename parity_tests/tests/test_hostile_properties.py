@@ -143,8 +143,10 @@ def _keras_layers():
 def _keras_run(layers, x_nchw):
     import keras
 
+    from parity_tests.harness import keras_inference
+
     x = np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1))
-    outs = [np.asarray(keras.ops.convert_to_numpy(layer(x)), np.float64).transpose(0, 3, 1, 2)
+    outs = [np.asarray(keras.ops.convert_to_numpy(keras_inference(layer, x)), np.float64).transpose(0, 3, 1, 2)
             for layer, _ in layers]
     (_, n_pam), (_, n_cam) = layers
     expected = (ref.position_attention(x_nchw, n_pam["query_conv.weight"], n_pam["query_conv.bias"],

@@ -51,11 +51,16 @@ def test_layer_contract(case, tmp_path):
 
 
 def test_resnet_and_danet_contract(tmp_path):
-    """ResNet-50: 53 convs and 53 BatchNorms (stem 1, 16 blocks x 3, 4 downsamples); DANet adds the head."""
+    """ResNet-50: 53 convs and 53 BatchNorms (stem 1, 16 blocks x 3, 4 downsamples); DANet adds the head.
+
+    The ResNet's training step is DANet's (every backbone weight is among
+    DANet's trainable weights, every BatchNorm among its statistics), checked once.
+    """
     s = 33  # stem /2 -> 17, maxpool /2 -> 9, layer2 /2 -> 5, output stride 8 keeps 5
     run_keras_layer_test(dk.DilatedResNet, {"depth": 50}, (1, s, s, 3),
                          expected_output_shapes=[(1, 9, 9, 256), (1, 5, 5, 512), (1, 5, 5, 1024), (1, 5, 5, 2048)],
-                         expected_trainable=53 + 2 * 53, expected_non_trainable=3 * 53, mixed_precision=False)
+                         expected_trainable=53 + 2 * 53, expected_non_trainable=3 * 53, mixed_precision=False,
+                         training_step=False)
     run_keras_layer_test(dk.DANet, {"num_classes": 3, "backbone": "resnet50"}, (1, s, s, 3),
                          expected_output_shapes=[(1, s, s, 3)] * 3, expected_trainable=159 + 26,
                          expected_non_trainable=159 + 12, tmp_path=tmp_path, mixed_precision=False)

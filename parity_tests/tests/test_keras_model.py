@@ -9,6 +9,7 @@ keras = pytest.importorskip("keras")
 
 import danet_keras as dk  # noqa: E402
 from danet_keras.backbone import layer_dilations  # noqa: E402
+from parity_tests.harness import keras_inference  # noqa: E402
 from parity_tests.tests.helpers import check, nchw, resolve, set_torch_weights  # noqa: E402
 
 pytestmark = pytest.mark.keras
@@ -108,8 +109,8 @@ def test_danet_channels_first_equals_channels_last(rng):
         set_torch_weights(km, sd)
         models[fmt] = km
     x = rng.normal(0, 1, (1, 3, 31, 27)).astype("float32")
-    last = models["channels_last"](np.transpose(x, (0, 2, 3, 1)), training=False)
-    first = models["channels_first"](x, training=False)
+    last = keras_inference(models["channels_last"], np.transpose(x, (0, 2, 3, 1)))
+    first = keras_inference(models["channels_first"], x)
     for name, a, b in zip(("fused", "pam", "cam"), first, last):
         assert tuple(a.shape) == (1, 3, 31, 27)
         check(f"DANet50 channels_first vs last .{name}", keras.ops.convert_to_numpy(a), nchw(b), scope="model")

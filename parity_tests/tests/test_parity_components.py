@@ -62,7 +62,9 @@ def test_danet101_outputs_match_in_float64():
 
 
 def test_danet50_gradients_and_batchnorm_match_in_float64():
-    rows = harness.run_component("danet50", size=(33, 33), batch=1, device=DEVICE, float64=False)
+    """Forward, gradients and BatchNorm statistics in float64, on one pair of models (float32 outputs: above)."""
+    rows = harness.run_component("danet50", size=(33, 33), batch=1, device=DEVICE, dtype="float64", float64=False)
+    assert {r.dtype for r in rows} == {"float64"} and any(r.check == "outputs" for r in rows)
     assert sum(r.output.startswith("d/d pretrained.") for r in rows) == 159
     assert any(r.output == "pretrained.bn1.running_var after 1 step" for r in rows)
     _assert_rows(rows)

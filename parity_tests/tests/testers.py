@@ -41,13 +41,15 @@ def _call(layer, x, training=None):
 
 def run_keras_layer_test(cls, init_kwargs: dict, input_shape: tuple, *, expected_output_shapes,
                          expected_trainable: int, expected_non_trainable: int, tmp_path=None,
-                         mixed_precision: bool = True, seed: int = 0) -> None:
+                         mixed_precision: bool = True, training_step: bool = True, seed: int = 0) -> None:
     """Check ``cls(**init_kwargs)`` on an input of ``input_shape`` (concrete, channels last unless the kwargs say).
 
     Args:
         expected_output_shapes: One shape per output, for ``input_shape``.
         expected_trainable, expected_non_trainable: Weight counts once built.
         tmp_path: A folder for the ``.keras`` reload (skipped if ``None``).
+        training_step: Check a training step (skip only where a larger layer's
+            check runs the same sublayers' step).
     """
     import keras
 
@@ -80,7 +82,18 @@ def run_keras_layer_test(cls, init_kwargs: dict, input_shape: tuple, *, expected
     assert (len(layer.trainable_weights), len(layer.non_trainable_weights)) == (expected_trainable,
                                                                                 expected_non_trainable)
 
-    # A training step: every trainable weight gets a finite gradient; BatchNorm statistics move.
+    if training_step:
+        _check_training_step(layer, x, expected, seed)
+    if mixed_precision:
+        _check_mixed_precision(cls, init_kwargs, x, expected)
+    if tmp_path is not None:
+        _check_reload(layer, inp.shape, x, tmp_path / f"{cls.__name__}.keras")
+
+
+def _check_training_step(layer, x, expected, seed):
+    """Every trainable weight gets a finite gradient; BatchNorm statistics move."""
+    import keras
+
     stats = {id(v): np.array(keras.ops.convert_to_numpy(v)) for v in layer.non_trainable_weights}
     weights = [np.random.default_rng(seed + 1).standard_normal(e) for e in expected]
     _, dx, grads = keras_loss_and_grads(layer, x, weights, training=True)
@@ -90,11 +103,6 @@ def run_keras_layer_test(cls, init_kwargs: dict, input_shape: tuple, *, expected
         assert g is not None and np.isfinite(g).all(), f"{v.path}: no finite gradient"
     for v in layer.non_trainable_weights:
         assert not np.array_equal(stats[id(v)], keras.ops.convert_to_numpy(v)), f"{v.path} did not move"
-
-    if mixed_precision:
-        _check_mixed_precision(cls, init_kwargs, x, expected)
-    if tmp_path is not None:
-        _check_reload(layer, inp.shape, x, tmp_path / f"{cls.__name__}.keras")
 
 
 def _check_mixed_precision(cls, init_kwargs, x, expected):

@@ -83,6 +83,21 @@ def test_blocks_equal_official_values_and_gradients(n, rows, dtype, rng):
         check(f"blocks n={n} rows={rows} {name}", got, expected, dtype, "grad")
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="eager JAX compiles; the blocks are compiled whole there")
+def test_eager_jax_blocks_compile_once_per_shape(rng):
+    """Called eagerly, the blocks run as one compiled function per shape (a repeat compiles nothing)."""
+    compiled = pam._jax_blocks_jit()
+    q, k = (rng.standard_normal((1, 37, 4)).astype("float32") for _ in range(2))
+    v = rng.standard_normal((1, 37, 12)).astype("float32")
+    before = compiled._cache_size()
+    first = pam.position_attention_blocks(q, k, v, rows=5)
+    assert compiled._cache_size() == before + 1
+    again = pam.position_attention_blocks(q, k, v, rows=5)
+    assert compiled._cache_size() == before + 1 and np.array_equal(np.asarray(first), np.asarray(again))
+    expected = keras.ops.convert_to_numpy(pam.position_attention_official(q, k, v))
+    check("eager blocks", np.asarray(first), expected, "float32")
+
+
 def test_kernel_path_equals_official(rng):
     q, k = (rng.standard_normal((2, 63, 4)).astype("float32") for _ in range(2))
     v = rng.standard_normal((2, 63, 32)).astype("float32")

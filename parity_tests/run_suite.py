@@ -3,9 +3,12 @@
 Keras fixes its backend at import, so each backend runs in its own pytest
 process (``KERAS_BACKEND``); the processes run side by side, ``--jobs`` at a
 time (default: the CPU count), and their outputs are printed whole, in
-order, as each finishes. Usage::
+order, as each finishes. The processes share the CPUs: each runs torch
+(OpenMP) and TensorFlow on ``--threads`` threads (default: the CPU count
+divided by ``--jobs``) so that side by side they do not oversubscribe the
+cores; thread variables already set in the environment are kept. Usage::
 
-    python -m parity_tests.run_suite [--backends tensorflow,jax,torch] [--jobs N] [--slow] [pytest args...]
+    python -m parity_tests.run_suite [--backends tensorflow,jax,torch] [--jobs N] [--threads N] [--slow] [pytest args...]
 
 Tests marked ``slow`` run only with ``--slow``. Exits non-zero if any run
 fails; the last line totals all runs.
@@ -25,6 +28,8 @@ from pathlib import Path
 
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 TESTS = str(Path(__file__).resolve().parent / "tests")
+# Thread pools sized from the environment: OpenMP (torch) and MKL, TensorFlow's intra- and inter-op pools.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 COUNTS = (("passed", r"(\d+) passed"), ("failed", r"(\d+) failed"), ("skipped", r"(\d+) skipped"),
           ("errors", r"(\d+) errors?"))
 
@@ -38,9 +43,17 @@ def _runs(backends, slow: bool) -> list:
     return keras[:1] + [rest] + keras[1:]
 
 
-def _run(label, backend, marks, pytest_args):
+def _environment(backend: str, threads: int, base=None) -> dict:
+    """``base`` (default: this process's environment) with ``KERAS_BACKEND`` and, where unset, the thread counts."""
+    env = dict(os.environ if base is None else base, KERAS_BACKEND=backend)
+    for name in THREAD_VARIABLES:
+        env.setdefault(name, str(threads))
+    return env
+
+
+def _run(label, backend, marks, pytest_args, threads):
     cmd = [sys.executable, "-m", "pytest", TESTS, "-p", "no:cacheprovider", "-rs", "-m", marks, *pytest_args]
-    env = dict(os.environ, KERAS_BACKEND=backend)
+    env = _environment(backend, threads)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     header = f"== {label} ({time.perf_counter() - start:.0f} s): KERAS_BACKEND={backend} {' '.join(cmd[2:])}"
@@ -53,6 +66,9 @@ def main(argv=None) -> int:
                         help="comma-separated Keras backends (default: %(default)s); missing ones are skipped")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="pytest processes at a time (default: the CPU count, %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per pytest process for torch and TensorFlow (default: CPU count // jobs, "
+                             "at least 1)")
     parser.add_argument("--slow", action="store_true",
                         help="also run the tests marked `slow` (minutes each on 2 cores; outside CI's budget)")
     args, pytest_args = parser.parse_known_args(argv)
@@ -62,6 +78,9 @@ def main(argv=None) -> int:
         parser.error(f"`--backends` has {bad}; accepted: {sorted(BACKEND_MODULES)}")
     if args.jobs < 1:
         parser.error(f"`--jobs` must be >= 1, got {args.jobs}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"`--threads` must be >= 1, got {args.threads}")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     backends = []
     for b in wanted:
         if importlib.util.find_spec(BACKEND_MODULES[b]) is None:
@@ -72,7 +91,7 @@ def main(argv=None) -> int:
     worst = 0
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(_run, *run, pytest_args) for run in _runs(backends, args.slow)]
+        futures = [pool.submit(_run, *run, pytest_args, threads) for run in _runs(backends, args.slow)]
         for future in futures:
             header, code, output = future.result()
             print(header, flush=True)
@@ -86,7 +105,7 @@ def main(argv=None) -> int:
                 worst = code or 1
     failed = totals["failed"] + totals["errors"]
     print(f"{totals['passed']} passed, {failed} failed, {totals['skipped']} skipped "
-          f"in {time.perf_counter() - start:.0f} s ({args.jobs} at a time)")
+          f"in {time.perf_counter() - start:.0f} s ({args.jobs} at a time, {threads} threads each)")
     if totals["passed"] == 0 and worst == 0:
         print("no test ran", file=sys.stderr)
         return 1

@@ -52,3 +52,41 @@ def test_lookup_errors_name_what_is_accepted():
     with pytest.raises(ValueError, match=r"No tolerance for `dtype`='int8'.*accepted dtypes"):
         tolerance("int8")
     assert all(t.atol > 0 and t.rtol > 0 for t in TOLERANCES.values())
+
+
+def _reference(actual, expected, tol):
+    """The rule element by element in plain Python: (max_abs, max_rel, passed, normwise, headroom)."""
+    pairs = [(float(a), float(e)) for a, e in zip(np.ravel(actual), np.ravel(expected))
+             if not (np.isnan(a) or np.isnan(e))]
+    diffs = [0.0 if (np.isinf(a) and a == e) else abs(a - e) for a, e in pairs]
+    scales = [0.0 if np.isinf(e) else abs(e) for _, e in pairs]
+    largest = max(scales)
+    allowed = [tol.atol + tol.rtol * (largest if tol.relative_to == "tensor" else s) for s in scales]
+    max_abs = max(diffs)
+    if tol.relative_to == "tensor" and largest > 0:
+        max_rel = max_abs / largest
+    else:
+        max_rel = max(d / abs(e) if e != 0 else (np.inf if d > 0 else 0.0) for d, (_, e) in zip(diffs, pairs))
+    finite = [(a, e) for a, e in pairs if np.isfinite(a) and np.isfinite(e)]
+    normwise = np.sqrt(sum((a - e) ** 2 for a, e in finite)) / np.sqrt(sum(e * e for _, e in finite))
+    headroom = max(0.0 if d == 0 else d / t for d, t in zip(diffs, allowed))
+    return max_abs, max_rel, all(d <= t for d, t in zip(diffs, allowed)), normwise, headroom
+
+
+@pytest.mark.parametrize("special", [False, True], ids=["finite", "nan-and-inf"])
+@pytest.mark.parametrize("key", sorted(TOLERANCES))
+def test_reported_numbers_equal_the_rule_element_by_element(key, special):
+    """Both ways through ``compare`` (no NaN: whole arrays; NaN present: the non-NaN elements)."""
+    rng = np.random.default_rng(len(key[0]) + len(key[1]))
+    tol = TOLERANCES[key]
+    expected = rng.standard_normal((4, 5, 3)) * 10.0 ** rng.integers(-3, 3, (4, 5, 3))
+    expected[0, 0, 0] = 0.0
+    actual = expected + rng.standard_normal(expected.shape) * tol.rtol * np.abs(expected) * 2
+    if special:
+        actual[1, 1, :2] = expected[1, 1, :2] = np.nan
+        actual[2, 2, 0], expected[2, 2, 0] = np.inf, np.inf
+        actual[3, 3, 1], expected[3, 3, 1] = -np.inf, -np.inf
+    got = compare("r", actual, expected, tol)
+    max_abs, max_rel, passed, normwise, headroom = _reference(actual, expected, tol)
+    assert (got.max_abs, got.passed) == (max_abs, passed)
+    np.testing.assert_allclose([got.max_rel, got.normwise, got.headroom], [max_rel, normwise, headroom], rtol=1e-12)

@@ -8,7 +8,8 @@ order, as each finishes. The processes share the CPUs: each runs torch
 divided by ``--jobs``) so that side by side they do not oversubscribe the
 cores; thread variables already set in the environment are kept. Usage::
 
-    python -m parity_tests.run_suite [--backends tensorflow,jax,torch] [--jobs N] [--threads N] [--slow] [pytest args...]
+    python -m parity_tests.run_suite [--backends tensorflow,jax,torch] [--jobs N] [--threads N] [--slow]
+                                     [pytest args...]
 
 Tests marked ``slow`` run only with ``--slow``. Exits non-zero if any run
 fails; the last line totals all runs.
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
                 worst = code or 1
     failed = totals["failed"] + totals["errors"]
     print(f"{totals['passed']} passed, {failed} failed, {totals['skipped']} skipped "
-          f"in {time.perf_counter() - start:.0f} s ({args.jobs} at a time, {threads} threads each)")
+          f"in {time.perf_counter() - start:.0f} s ({args.jobs} at a time, threads each: {threads})")
     if totals["passed"] == 0 and worst == 0:
         print("no test ran", file=sys.stderr)
         return 1

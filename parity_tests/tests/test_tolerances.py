@@ -77,7 +77,7 @@ def _reference(actual, expected, tol):
 @pytest.mark.parametrize("key", sorted(TOLERANCES))
 def test_reported_numbers_equal_the_rule_element_by_element(key, special):
     """Both ways through ``compare`` (no NaN: whole arrays; NaN present: the non-NaN elements)."""
-    rng = np.random.default_rng(len(key[0]) + len(key[1]))
+    rng = np.random.default_rng(0)
     tol = TOLERANCES[key]
     expected = rng.standard_normal((4, 5, 3)) * 10.0 ** rng.integers(-3, 3, (4, 5, 3))
     expected[0, 0, 0] = 0.0

@@ -6,7 +6,9 @@ time (default: the CPU count), and their outputs are printed whole, in
 order, as each finishes. The processes share the CPUs: each runs torch
 (OpenMP) and TensorFlow on ``--threads`` threads (default: the CPU count
 divided by ``--jobs``) so that side by side they do not oversubscribe the
-cores; thread variables already set in the environment are kept. Usage::
+cores; thread variables already set in the environment are kept. The
+longest run starts first and a short one comes last, so that the cores
+finish close together. Usage::
 
     python -m parity_tests.run_suite [--backends tensorflow,jax,torch] [--jobs N] [--threads N] [--slow]
                                      [pytest args...]
@@ -29,6 +31,9 @@ from pathlib import Path
 
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 TESTS = str(Path(__file__).resolve().parent / "tests")
+# Run last, in a process of its own: two processes that each train DANet-50 under gloo (about 30 s on 2 cores),
+# short enough for the core that finishes first to take while the other ends its runs.
+LAST = "test_torch_distributed.py"
 # Thread pools sized from the environment: OpenMP (torch) and MKL, TensorFlow's intra- and inter-op pools.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 COUNTS = (("passed", r"(\d+) passed"), ("failed", r"(\d+) failed"), ("skipped", r"(\d+) skipped"),
@@ -36,12 +41,15 @@ COUNTS = (("passed", r"(\d+) passed"), ("failed", r"(\d+) failed"), ("skipped", 
 
 
 def _runs(backends, slow: bool) -> list:
-    """``[(label, KERAS_BACKEND, marker expression)]``, longest first: JAX's Keras tests (eager JAX compiles
-    each new op), everything without Keras, then the other backends' Keras tests."""
+    """``[(label, KERAS_BACKEND, marker expression, paths)]`` in the order they start: JAX's Keras tests (the
+    longest: eager JAX compiles each new op), the tests without Keras, the other backends' Keras tests, and last
+    the short :data:`LAST`, which the first core to finish its other runs takes."""
     extra = "" if slow else " and not slow"
-    keras = [(f"Keras tests on {b}", b, f"keras{extra}") for b in sorted(backends, key=lambda b: b != "jax")]
-    rest = ("tests without Keras", backends[0] if backends else "tensorflow", f"not keras{extra}")
-    return keras[:1] + [rest] + keras[1:]
+    keras = [(f"Keras tests on {b}", b, f"keras{extra}", [TESTS]) for b in sorted(backends, key=lambda b: b != "jax")]
+    backend = backends[0] if backends else "tensorflow"
+    last = str(Path(TESTS) / LAST)
+    rest = ("tests without Keras", backend, f"not keras{extra}", [TESTS, f"--ignore={last}"])
+    return keras[:1] + [rest] + keras[1:] + [(f"tests without Keras in {LAST}", backend, f"not keras{extra}", [last])]
 
 
 def _environment(backend: str, threads: int, base=None) -> dict:
@@ -52,8 +60,8 @@ def _environment(backend: str, threads: int, base=None) -> dict:
     return env
 
 
-def _run(label, backend, marks, pytest_args, threads):
-    cmd = [sys.executable, "-m", "pytest", TESTS, "-p", "no:cacheprovider", "-rs", "-m", marks, *pytest_args]
+def _run(label, backend, marks, paths, pytest_args, threads):
+    cmd = [sys.executable, "-m", "pytest", *paths, "-p", "no:cacheprovider", "-rs", "-m", marks, *pytest_args]
     env = _environment(backend, threads)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,6 +1,8 @@
-"""The suite runner's own choices: each process's environment and its argument checks."""
+"""The suite runner's own choices: its runs, each process's environment, its argument checks."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +26,18 @@ def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_suite.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_runs_longest_first_short_last_each_test_once():
+    runs = run_suite._runs(["tensorflow", "jax", "torch"], slow=False)
+    assert [(label, backend, marks) for label, backend, marks, _ in runs] == [
+        ("Keras tests on jax", "jax", "keras and not slow"),
+        ("tests without Keras", "tensorflow", "not keras and not slow"),
+        ("Keras tests on tensorflow", "tensorflow", "keras and not slow"),
+        ("Keras tests on torch", "torch", "keras and not slow"),
+        (f"tests without Keras in {run_suite.LAST}", "tensorflow", "not keras and not slow")]
+    last = str(Path(run_suite.TESTS) / run_suite.LAST)
+    assert Path(last).is_file()
+    assert [paths for *_, paths in runs] == [[run_suite.TESTS], [run_suite.TESTS, f"--ignore={last}"],
+                                             [run_suite.TESTS], [run_suite.TESTS], [last]]
+    assert run_suite._runs([], slow=True)[0][2] == "not keras"

@@ -31,8 +31,8 @@ from pathlib import Path
 
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 TESTS = str(Path(__file__).resolve().parent / "tests")
-# Run last, in a process of its own: two processes that each train DANet-50 under gloo (about 30 s on 2 cores),
-# short enough for the core that finishes first to take while the other ends its runs.
+# Run last, in a process of its own: its two gloo processes each take one DANet-50 training step; short enough
+# for the core that finishes first to take while the other ends its runs.
 LAST = "test_torch_distributed.py"
 # Thread pools sized from the environment: OpenMP (torch) and MKL, TensorFlow's intra- and inter-op pools.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")

@@ -13,17 +13,51 @@ These are what make the Keras DANet a numerical mirror of the PyTorch one:
 * :func:`resize_bilinear_align_corners`: bilinear resize with
   ``align_corners=True`` (``F.interpolate``), which ``keras.ops.image.resize``
   does not offer; built from ``keras.ops`` so ``None`` sizes work.
+* :func:`no_init_weights`: build layers whose every weight is assigned next
+  (a checkpoint being loaded) without drawing random initial values.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import keras
+import numpy as np
 from keras import ops
 
 from ._checks import standardize_data_format
 
-__all__ = ["Conv2d", "BatchNorm", "MaxPool2d", "resize_bilinear_align_corners", "sequential", "layout_axes",
-           "with_channels"]
+__all__ = ["Conv2d", "BatchNorm", "MaxPool2d", "resize_bilinear_align_corners", "no_init_weights", "sequential",
+           "layout_axes", "with_channels"]
+
+_NO_INIT = contextvars.ContextVar("danet_keras_no_init_weights", default=False)
+
+
+@contextlib.contextmanager
+def no_init_weights():
+    """Within this context, :class:`Conv2d` layers are built with zero kernels and biases, not random ones.
+
+    For a model whose every weight is assigned right after it is built, as
+    ``weights_convert`` and :meth:`danet_keras.DANet.load_pretrained_backbone`
+    do (as ``transformers``' ``no_init_weights`` when it loads a checkpoint).
+    Conv2d kernels are the only random weights of ``danet_keras``; drawing
+    them is wasted work there, and on JAX each new kernel shape compiles a
+    random-number program (seconds for a DANet). The layers' initializers,
+    and so their configs, are unchanged; layers built outside the context
+    draw as usual.
+    """
+    token = _NO_INIT.set(True)
+    try:
+        yield
+    finally:
+        _NO_INIT.reset(token)
+
+
+def _zeros(shape, dtype=None):
+    """Zeros as a NumPy array (no program for the device to compile), bfloat16 through ``keras.ops``."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return ops.zeros(shape, dtype=dtype) if dtype == "bfloat16" else np.zeros(shape, dtype)
 
 
 def layout_axes(data_format: str) -> tuple[int, int, int]:
@@ -94,6 +128,16 @@ class Conv2d(keras.layers.Conv2D):
         self._subsample = self.torch_strides if (self.torch_strides > 1 and dilation > 1) else 1
         super().__init__(filters, kernel_size, strides=self.torch_strides // self._subsample,
                          padding="valid", dilation_rate=dilation, **kwargs)
+
+    def build(self, input_shape):
+        if not _NO_INIT.get():
+            return super().build(input_shape)
+        initializers = self.kernel_initializer, self.bias_initializer
+        self.kernel_initializer = self.bias_initializer = _zeros  # see no_init_weights
+        try:
+            return super().build(input_shape)
+        finally:
+            self.kernel_initializer, self.bias_initializer = initializers
 
     def call(self, inputs):
         if keras.backend.backend() == "tensorflow" and inputs.shape[0] == 0:

@@ -10,7 +10,7 @@ from keras import ops
 from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
 from .backbone import DilatedResNet
 from .head import DANetHead
-from .layers import layout_axes, resize_bilinear_align_corners
+from .layers import layout_axes, no_init_weights, resize_bilinear_align_corners
 from .pam import check_path, path_from_legacy
 
 __all__ = ["DANet", "BACKBONES"]
@@ -77,8 +77,10 @@ class DANet(keras.Model):
 
         Reads ``path`` with :func:`weights_convert.backbone.read_imagenet_backbone`
         (``fc.*`` ignored, ``conv1`` adapted to ``in_channels`` by timm's rule),
-        builds the model if needed (any spatial size) and assigns every backbone
-        variable through the converter's name table (``weights_convert.mapping``).
+        builds the model if needed (any spatial size; the backbone without
+        random draws, :func:`~danet_keras.layers.no_init_weights`, the head with
+        them) and assigns every backbone variable through the converter's name
+        table (``weights_convert.mapping``).
         """
         from weights_convert.backbone import read_imagenet_backbone
         from weights_convert.mapping import keras_table, resolve_keras, to_keras_layout
@@ -87,7 +89,10 @@ class DANet(keras.Model):
                                                 in_channels=self.in_channels)
         if not self.built:
             c = self.in_channels
-            self.build((None, c, None, None) if self.data_format == "channels_first" else (None, None, None, c))
+            shape = (None, c, None, None) if self.data_format == "channels_first" else (None, None, None, c)
+            with no_init_weights():  # every backbone weight is assigned below; the head draws as usual
+                self.pretrained.build(shape)
+            self.build(shape)
         assigned = set()
         for row in keras_table(neutral):
             var = resolve_keras(self, row.keras_path)

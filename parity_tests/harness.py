@@ -157,7 +157,7 @@ def make_pair(spec, seed: int = 0, device: str = "cpu", dtype: str = "float32", 
     user's Keras file), so a mismatch between two files shows.
     """
     if neutral is None:
-        torch_model = randomize_(build_torch(spec), seed=seed)
+        torch_model = randomize_(build_torch(spec, initialize=False), seed=seed)
         neutral = wc.from_torch(torch_model)
     else:
         torch_model = wc.to_torch(neutral, spec)

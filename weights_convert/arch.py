@@ -241,17 +241,18 @@ class ArchSpec:
     def expected_shapes(self) -> dict:
         return expected_shapes(self)
 
-    def build_torch(self):
-        """The ``danet_torch`` module (eval mode, in ``dtype``)."""
+    def build_torch(self, initialize: bool = True):
+        """The ``danet_torch`` module (eval mode, in ``dtype``); zeros, not random, without ``initialize``."""
         from .frameworks import build_torch
 
-        return build_torch(self)
+        return build_torch(self, initialize)
 
-    def build_keras(self):
-        """The ``danet_keras`` layer or model, built (its variables exist), in ``dtype``."""
+    def build_keras(self, initialize: bool = True):
+        """The ``danet_keras`` layer or model, built (its variables exist), in ``dtype``; zero convolutions, not
+        random, without ``initialize``."""
         from .frameworks import build_keras
 
-        return build_keras(self)
+        return build_keras(self, initialize)
 
 
 def expected_shapes(spec: ArchSpec) -> dict:

@@ -30,14 +30,30 @@ def _constructor_kwargs(cls, spec: ArchSpec, exclude=()) -> dict:
     return {f: getattr(spec, f) for f in fields if f in params and f not in exclude}
 
 
-def build_torch(spec: ArchSpec):
-    """The ``danet_torch`` module of ``spec``, in eval mode and ``spec.dtype``."""
+def build_torch(spec: ArchSpec, initialize: bool = True):
+    """The ``danet_torch`` module of ``spec``, in eval mode and ``spec.dtype``.
+
+    ``initialize=False`` is for a caller that assigns every parameter and
+    buffer next (a strict ``load_state_dict``): the module is built on the
+    meta device, as ``torch.nn.utils.skip_init`` does, and its tensors are
+    zeros instead of random draws.
+    """
     import torch
 
     import danet_torch
 
     cls = getattr(danet_torch, spec.info.class_name)
-    model = cls(**_constructor_kwargs(cls, spec, exclude=("data_format",))).eval()
+    kwargs = _constructor_kwargs(cls, spec, exclude=("data_format",))
+    if initialize:
+        model = cls(**kwargs)
+    else:
+        with torch.device("meta"):
+            model = cls(**kwargs)
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in (*model.parameters(), *model.buffers()):
+                t.zero_()
+    model.eval()
     if spec.dtype != "float32":
         model.to(getattr(torch, spec.dtype))
     return model
@@ -66,7 +82,7 @@ def spec_from_torch(module) -> ArchSpec:
 def to_torch(weights, arch: ArchSpec | None = None, allow_partial: bool = False):
     """The ``danet_torch`` module of ``arch`` (inferred if ``None``) holding ``weights``; strict by default."""
     spec = arch if arch is not None else infer_arch(weights)
-    model = build_torch(spec)
+    model = build_torch(spec, initialize=allow_partial)  # strict: every tensor is assigned below
     expected = OrderedDict((k, tuple(v.shape)) for k, v in model.state_dict().items())
     check_strict(expected, weights, context=spec.describe(), allow_partial=allow_partial)
     state = {k: numpy_to_tensor(v) for k, v in weights.items()
@@ -92,9 +108,15 @@ def keras_precision(dtype: str):
         yield
 
 
-def build_keras(spec: ArchSpec):
-    """The ``danet_keras`` layer of ``spec``, built (its variables exist), in ``spec.dtype`` and ``spec.data_format``."""
+def build_keras(spec: ArchSpec, initialize: bool = True):
+    """The ``danet_keras`` layer of ``spec``, built (its variables exist), in ``spec.dtype`` and ``spec.data_format``.
+
+    ``initialize=False`` is for a caller that assigns every variable next: the
+    convolutions are built with zeros instead of random draws
+    (:func:`danet_keras.layers.no_init_weights`).
+    """
     import danet_keras
+    from danet_keras.layers import no_init_weights
 
     if spec.kind == "cam" and spec.in_channels is None:
         raise ConvertError("A Keras ChannelAttention is built for a channel count and its weights (`gamma`) do "
@@ -103,7 +125,7 @@ def build_keras(spec: ArchSpec):
     kwargs = _constructor_kwargs(cls, spec)
     if spec.dtype != "float32":
         kwargs["dtype"] = spec.dtype
-    with keras_precision(spec.dtype):
+    with keras_precision(spec.dtype), (contextlib.nullcontext() if initialize else no_init_weights()):
         layer = cls(**kwargs)
         c = spec.in_channels
         layer.build((None, c, None, None) if spec.data_format == "channels_first" else (None, None, None, c))
@@ -121,7 +143,7 @@ def to_keras(weights, arch: ArchSpec | None = None, allow_partial: bool = False,
     """The ``danet_keras`` layer of ``arch`` holding ``weights`` (strict by default), via the name table."""
     spec = arch if arch is not None else infer_arch(weights)
     check_strict(expected_shapes(spec), weights, context=spec.describe(), allow_partial=allow_partial)
-    layer = build_keras(spec) if layer is None else layer
+    layer = build_keras(spec, initialize=allow_partial) if layer is None else layer  # strict: all assigned below
     assigned = set()
     with keras_precision(spec.dtype):
         for row in keras_table(spec):

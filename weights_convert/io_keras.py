@@ -200,7 +200,7 @@ def read_weights_h5(path, overrides: dict | None = None):
     else:
         spec, notes = infer_record(torch_names_of_h5(rows), hints={"dtype": dtype}, overrides=overrides)
     with keras_precision(spec.dtype):
-        layer = spec.build_keras()
+        layer = spec.build_keras(initialize=False)  # every weight is loaded from the file below
         if len(layer.weights) != len(rows):
             raise ConvertError(f"{str(path)!r} holds {len(rows)} arrays but {spec.describe()} has "
                                f"{len(layer.weights)} Keras weights; pass --arch/--num-classes/--backbone/... "

@@ -51,7 +51,7 @@ def randomize_(module, seed: int = 0, gamma: float | None = None):
 
 def random_torch_model(spec: ArchSpec, seed: int = 0):
     """``spec``'s torch model (eval mode) with :func:`randomize_` weights."""
-    return randomize_(spec.build_torch(), seed=seed)
+    return randomize_(spec.build_torch(initialize=False), seed=seed)
 
 
 def to_mmseg_names(neutral, stem_channels: int | None = None, aux: bool = True, meta: bool = True):

@@ -46,6 +46,27 @@ def test_expected_shapes_are_torch_state_dict(name):
 
 
 @pytest.mark.parametrize("name", sorted({**SMALL_SPECS, **DANET_SPECS}))
+def test_build_without_initialization_is_zeros_and_random_models_set_every_tensor(name):
+    """``build_torch(initialize=False)``: the same tensors (names, shapes, dtypes, on the CPU), zeros, eval mode;
+    ``random_torch_model`` builds that way, so ``randomize_`` must set every tensor."""
+    spec = {**SMALL_SPECS, **DANET_SPECS}[name]
+    drawn, zeros = spec.build_torch(), spec.build_torch(initialize=False)
+    assert not zeros.training
+    layout = lambda sd: [(k, v.shape, v.dtype, v.device.type) for k, v in sd.items()]  # noqa: E731
+    assert layout(zeros.state_dict()) == layout(drawn.state_dict())
+    assert not any(v.any() for v in zeros.state_dict().values())
+    assert [k for k, v in random_torch_model(spec).state_dict().items() if not v.any()] == []
+
+
+def test_allow_partial_keeps_the_initial_values_of_what_it_left_out():
+    spec = SMALL_SPECS["head"]
+    neutral = wc.from_torch(random_torch_model(spec))
+    del neutral["conv5a.0.weight"]
+    model = wc.to_torch(neutral, spec, allow_partial=True)
+    assert model.state_dict()["conv5a.0.weight"].any()
+
+
+@pytest.mark.parametrize("name", sorted({**SMALL_SPECS, **DANET_SPECS}))
 def test_infer_arch(name):
     spec = {**SMALL_SPECS, **DANET_SPECS}[name]
     neutral = {k: np.zeros(s, np.float32) for k, s in expected_shapes(spec).items()}

@@ -29,7 +29,7 @@ def _same(a, b):
 def _random_keras(spec, seed=0):
     """A built Keras layer with every variable random (BN variance positive, counters non-zero)."""
     rng = np.random.default_rng(seed)
-    layer = spec.build_keras()
+    layer = spec.build_keras(initialize=False)
     for row in keras_table(spec):
         var = resolve_keras(layer, row.keras_path)
         if row.rule == "int64":
@@ -65,6 +65,22 @@ def test_keras_torch_keras_bit_exact(name):
     a, b = _keras_values(layer, spec), _keras_values(again, spec)
     for k in a:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def test_build_without_initialization_and_allow_partial():
+    """``initialize=False`` builds the same variables with zero convolutions; ``allow_partial`` keeps the random
+    initial values of what it leaves out (the zero build is only for a complete assignment)."""
+    spec = SMALL_SPECS["head"]
+    drawn, zeros = spec.build_keras(), spec.build_keras(initialize=False)
+    layout = lambda layer: [(v.path.split("/", 1)[1], tuple(v.shape), v.dtype) for v in layer.weights]  # noqa: E731
+    assert layout(zeros) == layout(drawn)  # paths below the layer's own (numbered) name
+    kernels = [v for v in zeros.weights if v.path.endswith("/kernel")]
+    assert kernels and not any(np.any(keras.ops.convert_to_numpy(v)) for v in kernels)
+    neutral = wc.from_torch(random_torch_model(spec))
+    del neutral["conv5a.0.weight"]
+    layer = wc.to_keras(neutral, spec, allow_partial=True)
+    left = resolve_keras(layer, next(r.keras_path for r in keras_table(spec) if r.torch_name == "conv5a.0.weight"))
+    assert np.any(keras.ops.convert_to_numpy(left))
 
 
 @pytest.mark.parametrize("name", sorted(SMALL_SPECS))

@@ -34,6 +34,23 @@ def test_conv2d_matches_torch_semantics(k, stride, pad, dil, data_format, rng):
     assert again.get_config() == conv.get_config()
 
 
+def test_no_init_weights_builds_zero_convolutions_and_keeps_the_initializers():
+    shape = (None, 9, 9, 5)
+    with dk.layers.no_init_weights():
+        inside = dk.Conv2d(6, 3, padding=1, name="conv")
+        inside.build(shape)
+    outside = dk.Conv2d(6, 3, padding=1, name="conv")
+    outside.build(shape)
+    assert not np.any(keras.ops.convert_to_numpy(inside.kernel)) and not np.any(keras.ops.convert_to_numpy(inside.bias))
+    assert np.any(keras.ops.convert_to_numpy(outside.kernel))
+    assert inside.get_config() == outside.get_config()  # the initializers, saved in the config, are unchanged
+    with pytest.raises(RuntimeError), dk.layers.no_init_weights():
+        raise RuntimeError
+    after = dk.Conv2d(6, 3)
+    after.build(shape)
+    assert np.any(keras.ops.convert_to_numpy(after.kernel))
+
+
 def test_batchnorm_torch_semantics(rng):
     x = rng.normal(1.0, 2.0, (3, 5, 4, 6)).astype("float32")
     bn = dk.BatchNorm()

@@ -42,6 +42,8 @@ def test_loaded_backbone_equals_file_and_reference_features(imagenet_file):
         got = keras.ops.convert_to_numpy(var)
         assert np.array_equal(got.transpose(3, 2, 0, 1) if is_kernel else got, value), key
     assert any(n.startswith("ignored the ImageNet classifier") for n in model.backbone_notes)
+    head_kernels = [v for v in model.head.weights if v.path.endswith("/kernel")]
+    assert head_kernels and all(np.any(keras.ops.convert_to_numpy(v)) for v in head_kernels)  # drawn, not zeros
     x = np.random.default_rng(0).normal(size=(2, 3, 40, 32)).astype("float32")
     got = model.pretrained(nhwc(x), training=False)
     expected = reference_dilated_resnet(sd, x, STAGES_OS8_MG)

@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[all,test]"
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e ".[all,test]"
+	@# Byte-compiled here on every core (pip compiles on one). Files only a newer Python parses stay
+	@# uncompiled, as pip leaves them (compileall then exits 1).
+	$(PY) -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $(STAMP)
 
 setup: $(STAMP)

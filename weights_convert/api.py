@@ -184,7 +184,9 @@ def save(weights, path, arch: ArchSpec, *, force: bool = False, allow_partial: b
     The file is written to ``.NAME.tmp-XXXX<ext>`` in the target folder and
     renamed into place; an existing ``path`` is refused unless ``force``, and
     ``src`` (the file read) is never overwritten. Keras formats build the
-    ``danet_keras`` model of ``arch``; ``.onnx`` exports the model of ``arch``
+    ``danet_keras`` model of ``arch`` (a Keras file holds every variable:
+    with ``allow_partial``, those ``weights`` lack keep their random initial
+    values, and a note says so); ``.onnx`` exports the model of ``arch``
     holding ``weights``, built by ``onnx_framework`` (``"torch"``, or
     ``"keras"`` on the TensorFlow backend). ONNX is write-only.
 
@@ -206,6 +208,10 @@ def save(weights, path, arch: ArchSpec, *, force: bool = False, allow_partial: b
         missing = [k for k in expected_shapes(arch) if k not in weights]
         raise ConvertError(f"An ONNX file is a complete model: {len(missing)} weight(s) of {arch.describe()} "
                            f"are missing ({', '.join(missing[:5])}); --allow-partial cannot write .onnx.")
+    if fmt in ("keras", "keras_weights") and len(weights) < len(expected_shapes(arch)):
+        missing = [k for k in expected_shapes(arch) if k not in weights]
+        notes.append(f"a Keras file holds every variable: the {len(missing)} left out ({', '.join(missing[:5])}) "
+                     f"keep their random initial values in {Path(str(dst)).name}")
     record = arch.to_dict()
     suffix = next(e for e in FORMATS[fmt] if str(dst).lower().endswith(e))
     with atomic_target(dst, suffix) as tmp:
@@ -224,11 +230,11 @@ def save(weights, path, arch: ArchSpec, *, force: bool = False, allow_partial: b
         elif fmt == "keras_weights":
             from .io_keras import write_weights_h5
 
-            write_weights_h5(weights, arch, tmp)
+            write_weights_h5(weights, arch, tmp, allow_partial)
         elif fmt == "keras":
             from .io_keras import write_keras
 
-            write_keras(weights, arch, tmp)
+            write_keras(weights, arch, tmp, allow_partial)
         else:
             from .io_onnx import write_onnx
 

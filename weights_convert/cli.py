@@ -164,6 +164,13 @@ def main(argv=None) -> int:
         if args.dry_run:
             _dry_run(ckpt, args.dst)
             return 0
+        if args.verify:
+            kept, _ = api.conform(weights, spec, allow_partial=True)
+            absent = [k for k in spec.expected_shapes() if k not in kept]
+            if absent:
+                raise ConvertError(f"--verify needs every weight of {spec.describe()}: --allow-partial left out "
+                                   f"{len(absent)} ({', '.join(absent[:5])}), which each model would fill with "
+                                   f"its own random values. Nothing written; drop --verify to convert what fits.")
         if big:
             say(f"read {n} tensors in {time.perf_counter() - t0:.1f} s; writing {args.dst} ...")
         for note in api.save(weights, args.dst, spec, force=args.force, allow_partial=args.allow_partial,

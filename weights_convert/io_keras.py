@@ -51,9 +51,11 @@ def read_keras(path, allow_partial: bool = False):
     """
     _import_danet_keras()
     import keras
+    from danet_keras.layers import no_init_weights
 
     try:
-        with keras_precision(_keras_file_dtype(path)):  # a float64 model keeps its dtype on JAX
+        # float64 kept on JAX; the file assigns every weight, so none is drawn first
+        with keras_precision(_keras_file_dtype(path)), no_init_weights():
             model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
     except Exception as e:  # zip, JSON, h5 or deserialisation errors
         raise _keras_load_error(path, e) from e
@@ -120,12 +122,14 @@ def _keras_load_error(path, e: BaseException) -> ConvertError:
                             f"{type(e).__name__}: {first}")
 
 
-def write_keras(weights, spec: ArchSpec, path):
+def write_keras(weights, spec: ArchSpec, path, allow_partial: bool = False):
+    """``spec``'s model holding ``weights`` as a ``.keras`` file; with ``allow_partial``, the variables that
+    ``weights`` lacks keep their random initial values (a ``.keras`` file holds every variable)."""
     import keras
 
     _import_danet_keras()
     with keras_precision(spec.dtype):
-        keras.saving.save_model(to_keras(weights, spec), str(path))
+        keras.saving.save_model(to_keras(weights, spec, allow_partial=allow_partial), str(path))
 
 
 def _h5_datasets(path):
@@ -213,13 +217,14 @@ def read_weights_h5(path, overrides: dict | None = None):
         return from_keras(layer, spec), spec, notes, bool(record)
 
 
-def write_weights_h5(weights, spec: ArchSpec, path):
+def write_weights_h5(weights, spec: ArchSpec, path, allow_partial: bool = False):
+    """As :func:`write_keras`, the weights alone, the record in the ``danet_arch`` attribute."""
     import json
 
     import h5py
 
     _import_danet_keras()
     with keras_precision(spec.dtype):
-        _saving_lib().save_weights_only(to_keras(weights, spec), str(path))
+        _saving_lib().save_weights_only(to_keras(weights, spec, allow_partial=allow_partial), str(path))
     with h5py.File(str(path), "a") as f:
         f.attrs[H5_ATTR] = json.dumps(spec.to_dict(), sort_keys=True)

@@ -137,6 +137,45 @@ def test_keras_formats_via_cli(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
+@pytest.mark.parametrize("ext", [".keras", ".weights.h5"])
+def test_allow_partial_writes_keras_formats(tmp_path, capsys, ext):
+    """A Keras file holds every variable: ``--allow-partial`` writes the weights that fit, the notes name the rest,
+    which keep their random initial values (as ``to_keras(allow_partial=True)``)."""
+    spec = SMALL_SPECS["head"]
+    neutral = wc.from_torch(random_torch_model(spec))
+    partial = {k: v for k, v in neutral.items() if k != "conv5a.0.weight"}
+    wc.save(partial, tmp_path / "partial.npz", spec, allow_partial=True)
+    assert main([str(tmp_path / "partial.npz"), str(tmp_path / f"m{ext}"), "--allow-partial"]) == 0
+    err = capsys.readouterr().err
+    assert "left out 1 missing (conv5a.0.weight)" in err and "keep their random initial values" in err
+    back = wc.load(tmp_path / f"m{ext}").weights
+    _same(partial, {k: v for k, v in back.items() if k != "conv5a.0.weight"})
+    assert back["conv5a.0.weight"].shape == neutral["conv5a.0.weight"].shape and np.any(back["conv5a.0.weight"])
+    assert main([str(tmp_path / "partial.npz"), str(tmp_path / f"again{ext}"), "--allow-partial", "--verify"]) == 2
+    assert "--verify needs every weight" in capsys.readouterr().err
+    assert not (tmp_path / f"again{ext}").exists()
+
+
+def test_keras_readers_build_without_random_draws(tmp_path, monkeypatch):
+    """Every Conv2d that the ``.keras`` and ``.weights.h5`` readers build is built under ``no_init_weights``
+    (the file assigns every weight next)."""
+    import danet_keras as dk
+    from danet_keras import layers
+
+    spec = SMALL_SPECS["head"]
+    neutral = wc.from_torch(random_torch_model(spec))
+    for ext in (".keras", ".weights.h5"):
+        wc.save(neutral, tmp_path / f"m{ext}", spec)
+    built = []
+    original = dk.Conv2d.build
+    monkeypatch.setattr(dk.Conv2d, "build", lambda self, shape: built.append(layers._NO_INIT.get()) or
+                        original(self, shape))
+    for ext in (".keras", ".weights.h5"):
+        built.clear()
+        _same(neutral, wc.load(tmp_path / f"m{ext}").weights)
+        assert built and all(built), (ext, built)
+
+
 def test_mmseg_checkpoint_to_keras(tmp_path, capsys):
     spec = SMALL_SPECS["head"]
     neutral = wc.from_torch(random_torch_model(spec))

@@ -204,12 +204,11 @@ def save(weights, path, arch: ArchSpec, *, force: bool = False, allow_partial: b
             raise ConvertError(f"`onnx_framework` must be one of {list(FRAMEWORKS)}, got {onnx_framework!r}.")
     dst = check_destination(src, path, force)
     weights, notes = conform(weights, arch, allow_partial)
-    if fmt == "onnx" and len(weights) != len(expected_shapes(arch)):
-        missing = [k for k in expected_shapes(arch) if k not in weights]
+    missing = [k for k in expected_shapes(arch) if k not in weights]
+    if fmt == "onnx" and missing:
         raise ConvertError(f"An ONNX file is a complete model: {len(missing)} weight(s) of {arch.describe()} "
                            f"are missing ({', '.join(missing[:5])}); --allow-partial cannot write .onnx.")
-    if fmt in ("keras", "keras_weights") and len(weights) < len(expected_shapes(arch)):
-        missing = [k for k in expected_shapes(arch) if k not in weights]
+    if fmt in ("keras", "keras_weights") and missing:
         notes.append(f"a Keras file holds every variable: the {len(missing)} left out ({', '.join(missing[:5])}) "
                      f"keep their random initial values in {Path(str(dst)).name}")
     record = arch.to_dict()

@@ -93,3 +93,13 @@ def test_onnx_from_needs_an_onnx_dst(exported, tmp_path, capsys):
         main([str(folder / "head.pth"), str(tmp_path / "w.npz"), "--onnx-from", "torch"])
     assert info.value.code == 2
     assert "--onnx-from only applies to an .onnx DST" in capsys.readouterr().err
+
+
+def test_allow_partial_cannot_write_onnx(exported, tmp_path, capsys):
+    folder, model, *_ = exported
+    partial = {k: v for k, v in wc.from_torch(model).items() if k != "conv6.1.bias"}
+    wc.save(partial, tmp_path / "partial.npz", SPEC, allow_partial=True)
+    assert main([str(tmp_path / "partial.npz"), str(tmp_path / "p.onnx"), "--allow-partial"]) == 2
+    err = capsys.readouterr().err
+    assert "An ONNX file is a complete model: 1 weight(s)" in err and "(conv6.1.bias)" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["partial.npz"]  # nothing else written, no temporary left

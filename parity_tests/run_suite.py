@@ -31,9 +31,10 @@ from pathlib import Path
 
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 TESTS = str(Path(__file__).resolve().parent / "tests")
-# Run last, in a process of its own: its two gloo processes each take one DANet-50 training step; short enough
-# for the core that finishes first to take while the other ends its runs.
-LAST = "test_torch_distributed.py"
+# Run last, in a process of their own: two gloo processes that each take one DANet-50 training step, and short
+# torch training runs; about 45 s on one core, which the core that finishes first takes while the other ends
+# its runs (JAX's Keras tests finish about a minute before the other three runs).
+LAST = ("test_torch_distributed.py", "test_torch_train.py")
 # Thread pools sized from the environment: OpenMP (torch) and MKL, TensorFlow's intra- and inter-op pools.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 COUNTS = (("passed", r"(\d+) passed"), ("failed", r"(\d+) failed"), ("skipped", r"(\d+) skipped"),
@@ -47,9 +48,10 @@ def _runs(backends, slow: bool) -> list:
     extra = "" if slow else " and not slow"
     keras = [(f"Keras tests on {b}", b, f"keras{extra}", [TESTS]) for b in sorted(backends, key=lambda b: b != "jax")]
     backend = backends[0] if backends else "tensorflow"
-    last = str(Path(TESTS) / LAST)
-    rest = ("tests without Keras", backend, f"not keras{extra}", [TESTS, f"--ignore={last}"])
-    return keras[:1] + [rest] + keras[1:] + [(f"tests without Keras in {LAST}", backend, f"not keras{extra}", [last])]
+    last = [str(Path(TESTS) / name) for name in LAST]
+    rest = ("tests without Keras", backend, f"not keras{extra}", [TESTS, *(f"--ignore={p}" for p in last)])
+    return keras[:1] + [rest] + keras[1:] + [(f"tests without Keras in {', '.join(LAST)}", backend,
+                                              f"not keras{extra}", last)]
 
 
 def _environment(backend: str, threads: int, base=None) -> dict:

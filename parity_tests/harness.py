@@ -21,8 +21,7 @@ import torch
 import weights_convert as wc
 from parity_tests import reference as ref
 from parity_tests.keras_grad import keras_loss_and_grads
-from weights_convert.frameworks import build_torch
-from weights_convert.testing import randomize_
+from weights_convert.testing import random_torch_model
 from weights_convert.tolerances import compare, tolerance
 
 __all__ = ["Row", "COMPONENTS", "make_input", "make_pair", "keras_device", "forward_rows", "gradient_rows",
@@ -157,7 +156,7 @@ def make_pair(spec, seed: int = 0, device: str = "cpu", dtype: str = "float32", 
     user's Keras file), so a mismatch between two files shows.
     """
     if neutral is None:
-        torch_model = randomize_(build_torch(spec, initialize=False), seed=seed)
+        torch_model = random_torch_model(spec, seed=seed)
         neutral = wc.from_torch(torch_model)
     else:
         torch_model = wc.to_torch(neutral, spec)

@@ -32,7 +32,7 @@ from pathlib import Path
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 TESTS = str(Path(__file__).resolve().parent / "tests")
 # Run last, in a process of their own: two gloo processes that each take one DANet-50 training step, and short
-# torch training runs; about 45 s on one core, which the core that finishes first takes while the other ends
+# torch training runs; about 40 s on one core, which the core that finishes first takes while the other ends
 # its runs (JAX's Keras tests finish about a minute before the other three runs).
 LAST = ("test_torch_distributed.py", "test_torch_train.py")
 # Thread pools sized from the environment: OpenMP (torch) and MKL, TensorFlow's intra- and inter-op pools.

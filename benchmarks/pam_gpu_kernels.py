@@ -31,13 +31,40 @@ from measure import machine  # noqa: E402
 
 __all__ = ["main"]
 
+# (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages) tried for danet_torch._pam_triton (float32) and
+# danet_keras._pam_pallas (float32; half precision: PALLAS_HALF_TILES).
+TRITON_TILES = ((128, 64, 128, 8, 2), (128, 64, 128, 8, 3), (64, 64, 128, 4, 2), (64, 64, 128, 4, 3),
+                (64, 64, 256, 8, 2), (128, 32, 256, 8, 2), (128, 128, 128, 8, 2), (64, 32, 128, 4, 3))
+PALLAS_HALF_TILES = ((128, 64, 256, 8, 2), (64, 64, 256, 4, 2), (128, 64, 128, 8, 3), (128, 128, 256, 8, 2))
+
+
+def _rows():
+    """The queries whose outputs are checked against float64: the first 256 and the last 256."""
+    import numpy as np
+
+    return np.r_[0:256, -256:0]
+
+
+def _float64_rows(q, k, v):
+    """``softmax(q k^T) v`` for :func:`_rows`'s queries in float64 NumPy; q, k, v tokens ``(B, N, C)``."""
+    import numpy as np
+
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    s = q[:, _rows()] @ k.transpose(0, 2, 1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def _max_error(out, expected) -> str:
+    import numpy as np
+
+    return f"{np.abs(np.asarray(out, np.float64)[:, _rows()] - expected).max():.2e}"
+
 
 def _torch(args) -> None:
     import torch
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from danet_torch import pam
+    from torch.nn.attention import sdpa_kernel
 
     if not torch.cuda.is_available():
         raise SystemExit("pam_gpu_kernels.py --framework torch needs CUDA: no CUDA device on this machine.")
@@ -68,9 +95,12 @@ def _torch(args) -> None:
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
-            print(f"| {name} | {sorted(times)[len(times) // 2]:.2f} | {peak:.0f} |")
-        except RuntimeError as err:  # a kernel that refuses the inputs
-            print(f"| {name} | refused: {str(err).splitlines()[0][:80]} | |")
+            median = sorted(times)[len(times) // 2]
+            print(f"| {name} | {median:.2f} | {peak:.0f} |")
+            return median
+        except Exception as err:  # noqa: BLE001 - a kernel that refuses the inputs or does not compile
+            print(f"| {name} | refused: {(str(err).splitlines() or [type(err).__name__])[0][:80]} | |")
+            return float("inf")
 
     # The split of danet_torch.pam._sdpa_heads without its final reshape to (B, N, C): the table gives each
     # kernel's own time and memory (the efficient path's rows in pam_benchmark.py include that copy).
@@ -88,6 +118,18 @@ def _torch(args) -> None:
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(qh, kh, vh, scale=1.0)
 
+    if "bfloat16" in args.dtypes:
+        _torch_bfloat16(args, inputs, report, heads)
+    if "float32" in args.dtypes:
+        _torch_float32(args, inputs, report, heads)
+
+
+def _torch_bfloat16(args, inputs, report, heads) -> None:
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from danet_torch import pam
+
     print(f"\nbfloat16 forward, B = 2, {args.size} x {args.size}, C = 512\n")
     print("| kernel | ms | MiB above the inputs |\n|---|---|---|")
     q, k, v = inputs(torch.bfloat16)
@@ -102,6 +144,15 @@ def _torch(args) -> None:
         report("SDPA, one head of 512, EFFICIENT_ATTENTION",
                lambda: heads(q, k, v, 512, SDPBackend.EFFICIENT_ATTENTION))
         report("danet_torch efficient path", lambda: pam.position_attention_efficient(q, k, v))
+
+
+def _torch_float32(args, inputs, report, heads) -> None:
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from danet_torch import _pam_triton, pam
+
+    n = args.size * args.size
     print(f"\nfloat32 forward, B = 2, {args.size} x {args.size}, C = 512\n")
     print("| kernel | ms | MiB above the inputs |\n|---|---|---|")
     q, k, v = inputs(torch.float32)
@@ -113,6 +164,26 @@ def _torch(args) -> None:
                    lambda: pam.position_attention_blocks(q, k, v, rows))
         report("SDPA, one head of 512, EFFICIENT_ATTENTION",
                lambda: heads(q, k, v, 512, SDPBackend.EFFICIENT_ATTENTION))
+        if _pam_triton.triton is None:
+            print("| Triton kernel | not run: Triton is not installed | |")
+            return
+        times = {tiles: report(f"Triton kernel, tf32x3, tiles {tiles}",
+                               lambda tiles=tiles: _pam_triton.position_attention_forward(q, k, v, tiles))
+                 for tiles in TRITON_TILES}
+        best = min(times, key=times.get)
+        print(f"\nfastest torch float32 tiles: {best}\n")
+        kt = k.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, C' contiguous
+        report(f"Triton kernel, tf32x3, tiles {best}, k stored (B, N, C')",
+               lambda: _pam_triton.position_attention_forward(q, kt, v, best))
+        report(f"Triton kernel, ieee (CUDA cores), tiles {best}",
+               lambda: _pam_triton.position_attention_forward(q, k, v, best, precision="ieee"))
+        report("danet_torch efficient path", lambda: pam.position_attention_efficient(q, k, v))
+        tokens = [t.transpose(1, 2).cpu().numpy() for t in (q, k, v)]
+        expected = _float64_rows(*tokens)
+        for name, fn in (("official", pam.position_attention_official),
+                         ("Triton kernel", _pam_triton.position_attention_forward)):
+            error = _max_error(fn(q, k, v).transpose(1, 2).cpu().numpy(), expected)
+            print(f"| {name}: largest error against float64, {2 * len(_rows())} rows | {error} | |")
 
 
 def _jax(args) -> None:
@@ -128,9 +199,9 @@ def _jax(args) -> None:
     print(f"JAX {jax.__version__}, {jax.devices()[0].device_kind}")
     n = args.size * args.size
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((2, n, c)), jnp.bfloat16) for c in (64, 64, 512))
+    data = [rng.standard_normal((2, n, c)).astype(np.float32) for c in (64, 64, 512)]
 
-    def report(name, fn):
+    def report(name, fn, q, k, v):
         try:
             for _ in range(2):
                 jax.block_until_ready(fn(q, k, v))
@@ -139,9 +210,12 @@ def _jax(args) -> None:
                 start = time.perf_counter()
                 jax.block_until_ready(fn(q, k, v))
                 times.append((time.perf_counter() - start) * 1e3)
-            print(f"| {name} | {sorted(times)[len(times) // 2]:.2f} |")
-        except Exception as err:  # noqa: BLE001 - a kernel that refuses the inputs
-            print(f"| {name} | refused: {str(err).splitlines()[0][:80]} |")
+            median = sorted(times)[len(times) // 2]
+            print(f"| {name} | {median:.2f} |")
+            return median
+        except Exception as err:  # noqa: BLE001 - a kernel that refuses the inputs or does not compile
+            print(f"| {name} | refused: {(str(err).splitlines() or [type(err).__name__])[0][:80]} |")
+            return float("inf")
 
     @jax.jit
     def official(q, k, v):
@@ -157,16 +231,35 @@ def _jax(args) -> None:
             return out.reshape(v.shape)
         return jax.jit(fn)
 
-    print(f"\nbfloat16 forward, B = 2, {args.size} x {args.size}, C = 512\n")
-    print("| kernel | ms |\n|---|---|")
-    report("official: matmul + softmax (float32)", official)
-    for width in (64, 256):
-        for implementation in ("cudnn", None):
-            report(f"dot_product_attention, q/k 64, heads of {width}, implementation={implementation}",
-                   heads(width, implementation))
-    for tiles in ((128, 64, 256, 8, 2), (64, 64, 256, 4, 2), (128, 64, 128, 8, 3), (128, 128, 256, 8, 2)):
-        report("Pallas kernel, tiles (queries, keys, V columns, warps, stages) = " + str(tiles),
-               lambda q, k, v, tiles=tiles: _pam_pallas.position_attention_forward(q, k, v, *tiles))
+    def pallas(tiles):
+        return lambda q, k, v: _pam_pallas.position_attention_forward(q, k, v, *tiles)
+
+    if "bfloat16" in args.dtypes:
+        half = [jnp.asarray(t, jnp.bfloat16) for t in data]
+        print(f"\nbfloat16 forward, B = 2, {args.size} x {args.size}, C = 512\n")
+        print("| kernel | ms |\n|---|---|")
+        report("official: matmul + softmax (float32)", official, *half)
+        for width in (64, 256):
+            for implementation in ("cudnn", None):
+                report(f"dot_product_attention, q/k 64, heads of {width}, implementation={implementation}",
+                       heads(width, implementation), *half)
+        times = {tiles: report(f"Pallas kernel, tiles {tiles}", pallas(tiles), *half) for tiles in PALLAS_HALF_TILES}
+        print(f"\nfastest jax half tiles: {min(times, key=times.get)}\n")
+    if "float32" in args.dtypes:
+        from danet_keras import pam
+
+        full = [jnp.asarray(t) for t in data]
+        print(f"\nfloat32 forward, B = 2, {args.size} x {args.size}, C = 512\n")
+        print("| kernel | ms |\n|---|---|")
+        report("official: matmul + softmax", official, *full)
+        report("blocks (the float32 path before the kernel)", jax.jit(pam.position_attention_blocks), *full)
+        times = {tiles: report(f"Pallas kernel, TF32x3, tiles {tiles}", pallas(tiles), *full)
+                 for tiles in TRITON_TILES}
+        print(f"\nfastest jax float32 tiles: {min(times, key=times.get)}\n")
+        expected = _float64_rows(*data)
+        for name, fn in (("official", official), ("Pallas kernel", _pam_pallas.position_attention_forward)):
+            print(f"| {name}: largest error against float64, {2 * len(_rows())} rows | "
+                  f"{_max_error(fn(*full), expected)} |")
 
 
 def main(argv=None) -> int:
@@ -174,6 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--framework", choices=["torch", "jax"], default="torch")
     p.add_argument("--size", type=int, default=181, help="H = W of the feature map")
     p.add_argument("--calls", type=int, default=8, help="timed calls per kernel (median)")
+    p.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"])
     args = p.parse_args(argv)
     print(machine())
     if args.framework == "torch":

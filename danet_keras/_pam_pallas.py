@@ -1,4 +1,4 @@
-"""PAM's forward pass as one Pallas kernel (JAX on a GPU, float16/bfloat16).
+"""PAM's forward pass as one Pallas kernel (JAX on a GPU; float16, bfloat16, float32).
 
 ``out = softmax(Q K^T) V`` with no ``1/sqrt(d)``: q and k are ``C'`` wide (64
 for 512 channels) and v is ``C`` wide (512), a shape flash-attention kernels
@@ -8,7 +8,11 @@ streams blocks of keys past a block of queries as flash attention does
 (online softmax, float32 statistics and accumulator) and splits only the
 ``C`` columns of V over programs, ``BLOCK_V`` at a time: the energies are
 recomputed ``C // BLOCK_V`` times (two for 512 channels), not ``C // C'``
-times.
+times. It reads q, k and v where they are (no padded copies: the last,
+partial blocks of queries and keys are read through masks) and allocates
+only the output. float32 products run on the tensor cores as three TF32
+products each (``lax.DotAlgorithmPreset.TF32_TF32_F32_X3``), float32 to
+within rounding.
 
 :func:`position_attention` is a ``jax.custom_vjp``: called plainly (``predict``,
 a jitted forward) it runs this kernel; differentiated (``fit``, ``jax.grad``)
@@ -29,71 +33,122 @@ from jax.experimental import pallas as pl
 __all__ = ["available", "position_attention", "position_attention_forward"]
 
 # Tile sizes: queries per program, keys per step, V columns per program, warps, pipeline stages
-# (the fastest of those tried at 181 x 181, B = 2, C = 512 on one H200: 6.9 ms; docs/BENCHMARKS.md).
-BLOCK_Q, BLOCK_K, BLOCK_V, NUM_WARPS, NUM_STAGES = 128, 128, 256, 8, 2
+# (the fastest of those tried at 181 x 181, B = 2, C = 512; docs/BENCHMARKS.md). float32 tiles take
+# twice the shared memory of half-precision ones.
+TILES = {"half": (128, 128, 256, 8, 2), "float32": (64, 64, 128, 4, 2)}
+BLOCK_Q, BLOCK_K, BLOCK_V, NUM_WARPS, NUM_STAGES = TILES["half"]
+
+
+def tiles_for(dtype) -> tuple:
+    """The default tiles for ``dtype``: :data:`TILES`' ``"float32"`` or ``"half"`` entry."""
+    return TILES["float32" if jnp.dtype(dtype) == jnp.float32 else "half"]
 
 
 def available(q, v) -> bool:
-    """True where the kernel takes the inputs: half precision, a static ``N``, ``C'`` a power of two in
-    [16, 256], ``C`` a multiple of ``BLOCK_V`` or below it (the caller checks for a GPU)."""
+    """True where the kernel takes the inputs: float16, bfloat16 or float32, a static ``N``, ``C'`` a power
+    of two in [16, 256], ``C`` a multiple of ``BLOCK_V`` or a power of two below it (the caller checks for a
+    GPU)."""
     ck, c = q.shape[-1], v.shape[-1]
-    return (jnp.dtype(q.dtype) in (jnp.float16, jnp.bfloat16) and isinstance(q.shape[1], int)
-            and 16 <= ck <= 256 and ck & (ck - 1) == 0 and c % min(BLOCK_V, c) == 0)
+    block_v = min(tiles_for(q.dtype)[2], c)
+    return (jnp.dtype(q.dtype) in (jnp.float16, jnp.bfloat16, jnp.float32) and isinstance(q.shape[1], int)
+            and all(16 <= x <= 256 and x & (x - 1) == 0 for x in (ck, block_v)) and c % block_v == 0)
 
 
-def _kernel(q_ref, k_ref, v_ref, o_ref, *, n, block_k):
-    q = q_ref[...]
-    block_q = q.shape[0]
+def _precision(dtype, interpret):
+    """float32 products to within rounding on the GPU's tensor cores (three TF32 products each, as
+    ``danet_torch._pam_triton``); half precision and the interpreter take the default."""
+    if jnp.dtype(dtype) == jnp.float32 and not interpret:
+        return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return None
 
-    def body(i, carry):
+
+def _load(ref, rows, n, masked):
+    """``ref[rows]``; rows at or past ``n`` read as zeros where ``masked`` (the last, partial block)."""
+    if not masked:
+        return ref[rows, :]
+    from jax.experimental.pallas import triton as plgpu
+
+    index = rows.start + jnp.arange(rows.size)
+    return plgpu.load(ref.at[rows, :], mask=(index < n)[:, None], other=0.0)
+
+
+def _kernel(q_ref, k_ref, v_ref, o_ref, *, n, block_q, block_k, precision):
+    """One block of ``block_q`` queries against all ``n`` keys, ``block_k`` at a time, for ``o_ref``'s columns.
+
+    The refs hold the whole ``N`` rows (nothing is padded): the last block of queries and of keys
+    is read through a mask, and only the rows below ``n`` are written.
+    """
+    rows = pl.ds(pl.program_id(0) * block_q, block_q)
+    q = _load(q_ref, rows, n, n % block_q != 0)
+
+    def step(carry, start, masked):
         acc, m, total = carry
-        keys = pl.dslice(i * block_k, block_k)
-        s = jnp.dot(q, k_ref[keys, :].T, preferred_element_type=jnp.float32) * math.log2(math.e)
-        cols = i * block_k + jnp.arange(block_k)
-        s = jnp.where(cols[None, :] < n, s, -jnp.inf)
+        keys = pl.ds(start, block_k)
+        k, v = _load(k_ref, keys, n, masked), _load(v_ref, keys, n, masked)
+        s = jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32) * math.log2(math.e)
+        if masked:
+            s = jnp.where((start + jnp.arange(block_k))[None, :] < n, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp2(s - m_new[:, None])
         alpha = jnp.exp2(m - m_new)
-        v = v_ref[keys, :]
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, precision=precision,
+                                             preferred_element_type=jnp.float32)
         return acc, m_new, total * alpha + jnp.sum(p, axis=-1)
 
-    init = (jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
-    acc, _, total = lax.fori_loop(0, k_ref.shape[0] // block_k, body, init)
-    o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
+    carry = (jnp.zeros((block_q, o_ref.shape[-1]), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+             jnp.zeros((block_q,), jnp.float32))
+    full = n // block_k
+    carry = lax.fori_loop(0, full, lambda i, c: step(c, i * block_k, False), carry)
+    if n % block_k:  # the last block of keys, not full (a loop of one step: its start is not static)
+        carry = lax.fori_loop(full, full + 1, lambda i, c: step(c, i * block_k, True), carry)
+    acc, _, total = carry
+    out = (acc / total[:, None]).astype(o_ref.dtype)
+    if n % block_q:
+        from jax.experimental.pallas import triton as plgpu
+
+        index = rows.start + jnp.arange(block_q)
+        plgpu.store(o_ref.at[rows, :], out, mask=(index < n)[:, None])
+    else:
+        o_ref[rows, :] = out
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "block_v", "num_warps", "num_stages",
                                              "interpret"))
-def position_attention_forward(q, k, v, block_q=BLOCK_Q, block_k=BLOCK_K, block_v=BLOCK_V, num_warps=NUM_WARPS,
-                               num_stages=NUM_STAGES, interpret=False):
-    """``(B, N, C)`` from q, k ``(B, N, C')`` and v ``(B, N, C)``; ``N`` is padded to whole tiles inside."""
+def position_attention_forward(q, k, v, block_q=None, block_k=None, block_v=None, num_warps=None,
+                               num_stages=None, interpret=False):
+    """``(B, N, C)`` from q, k ``(B, N, C')`` and v ``(B, N, C)``, with no copy of them and no padding
+    (unless ``N`` is below one tile).
+
+    Tile arguments left ``None`` take :func:`tiles_for` ``(q.dtype)``'s.
+    """
+    given = (block_q, block_k, block_v, num_warps, num_stages)
+    block_q, block_k, block_v, num_warps, num_stages = (
+        d if g is None else g for g, d in zip(given, tiles_for(q.dtype)))
     b, n, ck = q.shape
     c = v.shape[-1]
     block_v = min(block_v, c)
-    step = max(block_q, block_k)
-    padded = -(-n // step) * step
-    if padded != n:
-        q, k, v = (jnp.pad(t, ((0, 0), (0, padded - n), (0, 0))) for t in (q, k, v))
+    rows = max(n, block_q, block_k)  # fewer positions than one tile: padded (a few rows), as a slice needs
+    if rows > n:
+        q, k, v = (jnp.pad(t, ((0, 0), (0, rows - n), (0, 0))) for t in (q, k, v))
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
-        functools.partial(_kernel, n=n, block_k=block_k),
-        grid=(padded // block_q, b, c // block_v),
-        in_specs=[pl.BlockSpec((None, block_q, ck), lambda i, j, h: (j, i, 0)),
-                  pl.BlockSpec((None, padded, ck), lambda i, j, h: (j, 0, 0)),
-                  pl.BlockSpec((None, padded, block_v), lambda i, j, h: (j, 0, h))],
-        out_specs=pl.BlockSpec((None, block_q, block_v), lambda i, j, h: (j, i, h)),
-        out_shape=jax.ShapeDtypeStruct((b, padded, c), v.dtype),
+        functools.partial(_kernel, n=n, block_q=block_q, block_k=block_k,
+                          precision=_precision(q.dtype, interpret)),
+        grid=(-(-n // block_q), b, c // block_v),
+        in_specs=[pl.BlockSpec((None, rows, ck), lambda i, j, h: (j, 0, 0)),
+                  pl.BlockSpec((None, rows, ck), lambda i, j, h: (j, 0, 0)),
+                  pl.BlockSpec((None, rows, block_v), lambda i, j, h: (j, 0, h))],
+        out_specs=pl.BlockSpec((None, rows, block_v), lambda i, j, h: (j, 0, h)),
+        out_shape=jax.ShapeDtypeStruct((b, rows, c), v.dtype),
         interpret=interpret,
         name="pam_forward",
         **params,
     )(q, k, v)
-    return out[:, :n]
+    return out if rows == n else out[:, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

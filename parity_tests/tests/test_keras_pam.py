@@ -105,15 +105,18 @@ def test_kernel_path_equals_official(rng):
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the Pallas kernel is JAX's")
+@pytest.mark.parametrize("n", [45, 48, 10], ids=["last-blocks-partial", "whole-blocks", "under-one-block"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_pallas_kernel_against_float64(dtype, rng):
-    """The kernel in Pallas' interpreter (on any device): several key blocks, the last one not full."""
+def test_pallas_kernel_against_float64(dtype, n, rng):
+    """The kernel in Pallas' interpreter (on any device), tiles of 16 queries and keys: several blocks, the
+    last ones read and written through masks where they are not full."""
     from danet_keras import _pam_pallas
 
-    q, k = (rng.standard_normal((2, 45, 16)).astype(dtype) for _ in range(2))
-    v = rng.standard_normal((2, 45, 64)).astype(dtype)
+    q, k = (rng.standard_normal((2, n, 16)).astype(dtype) for _ in range(2))
+    v = rng.standard_normal((2, n, 64)).astype(dtype)
     out = _pam_pallas.position_attention_forward(q, k, v, block_q=16, block_k=16, block_v=32, interpret=True)
-    check(f"Pallas kernel {dtype}", np.asarray(out), ref.position_attention_core(q, k, v), dtype)
+    assert out.shape == (2, n, 64)
+    check(f"Pallas kernel {dtype} n={n}", np.asarray(out), ref.position_attention_core(q, k, v), dtype)
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the Pallas kernel is JAX's")
@@ -142,12 +145,17 @@ def test_pallas_path_runs_the_kernel_and_differentiates_the_given_function(rng):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="the GPU kernels run on JAX and torch")
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_gpu_half_precision_efficient_path_against_float64(dtype, rng, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_gpu_efficient_path_against_float64(dtype, rng, monkeypatch):
+    """Values (JAX: the Pallas kernel's) and gradients; float32 matmuls at full precision (no TF32)."""
     calls = []
+    precision = contextlib.nullcontext()
     if BACKEND == "jax":
+        import jax
+
         from danet_keras import _pam_pallas
 
+        precision = jax.default_matmul_precision("highest")
         kernel = _pam_pallas.position_attention_forward
         monkeypatch.setattr(_pam_pallas, "position_attention_forward", lambda *a, **kw: calls.append(1) or kernel(
             *a, **kw))
@@ -156,12 +164,13 @@ def test_gpu_half_precision_efficient_path_against_float64(dtype, rng, monkeypat
     with _dtype_enabled("float64"):
         expected = _core_grads(pam.position_attention_official, *(t.astype("float64") for t in (q, k, v)),
                                weight.astype("float64"))
-    half = [keras.ops.cast(t, dtype) for t in (q, k, v)]
-    value = keras.ops.convert_to_numpy(keras.ops.cast(pam.position_attention_efficient(*half), "float32"))
+    inputs = [keras.ops.cast(t, dtype) for t in (q, k, v)]
+    with precision:
+        value = keras.ops.convert_to_numpy(keras.ops.cast(pam.position_attention_efficient(*inputs), "float32"))
+        assert calls or BACKEND != "jax"  # JAX: the Pallas kernel gave the value
+        got = _core_grads(lambda *t: keras.ops.cast(pam.position_attention_efficient(
+            *(keras.ops.cast(x, dtype) for x in t)), "float32"), q, k, v, weight)
     check(f"GPU efficient {dtype}", value, expected[0], dtype)
-    assert calls or BACKEND != "jax"  # JAX: the Pallas kernel gave the value
-    got = _core_grads(lambda *t: keras.ops.cast(pam.position_attention_efficient(
-        *(keras.ops.cast(x, dtype) for x in t)), "float32"), q, k, v, weight)
     for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
         check(f"GPU efficient {dtype} {name}", g, e, dtype, "grad")
 

@@ -235,6 +235,76 @@ def test_cuda_efficient_path_never_builds_the_n_by_n_matrix(dtype):
     assert torch.cuda.max_memory_allocated() - start < attention_bytes // 4
 
 
+def _triton_kernel():
+    from danet_torch import _pam_triton
+
+    if _pam_triton.triton is None:
+        pytest.skip("Triton is not installed (torch's CUDA wheels bring it)")
+    return _pam_triton
+
+
+# (B, C', C, N): a last block of queries and of keys that is not full; whole blocks; fewer positions than one
+# block; V narrower than the kernel's column tile.
+TRITON_SHAPES = [(2, 64, 512, 33 * 35), (2, 64, 512, 128 * 3), (1, 64, 256, 50), (2, 16, 32, 70)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["channels-first", "tokens"])
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_triton_kernel_against_float64(shape, layout):
+    """The float32 inference kernel: q, k, v read through their strides, a contiguous ``(B, C, N)`` output."""
+    kernel = _triton_kernel()
+    b, ck, c, n = shape
+    q, k, v = (t.cuda() for t in _qkv(b, ck, c, n, torch.float32))
+    if layout == "tokens":  # the same values stored (B, N, C), as Keras' tensors are
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert kernel.available(q, k, v)
+    got = kernel.position_attention_forward(q, k, v)
+    assert got.is_contiguous() and got.shape == (b, c, n)
+    expected = pam.position_attention_official(*(t.double() for t in (q, k, v)))
+    _check(f"Triton kernel {shape} {layout}", got, expected, torch.float32)
+
+
+@pytest.mark.gpu
+def test_cuda_float32_inference_runs_the_triton_kernel_and_training_does_not(monkeypatch):
+    kernel = _triton_kernel()
+    calls = []
+    forward = kernel.position_attention_forward
+    monkeypatch.setattr(kernel, "position_attention_forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    layer = PositionAttention(128, pam_path="efficient")
+    randomize_(layer, seed=3, gamma=0.9)
+    layer = layer.cuda().eval()
+    x = torch.randn(2, 128, 19, 23, generator=torch.Generator().manual_seed(4)).cuda()
+    with torch.no_grad():
+        inference = layer(x)
+    assert calls == [1]
+    training = layer(x)  # the weights need gradients: the memory-efficient kernel, which has a backward
+    training.sum().backward()
+    assert calls == [1]
+    official = PositionAttention(128, pam_path="official").double().cuda().eval()
+    official.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        expected = official(x.double())
+    _check("float32 inference (Triton kernel)", inference, expected, torch.float32)
+    _check("float32 training path", training.detach(), expected, torch.float32)
+
+
+@pytest.mark.gpu
+def test_cuda_float32_inference_allocates_the_output_alone():
+    _triton_kernel()
+    n = 181 * 181
+    q, k, v = (t.cuda() for t in _qkv(2, 64, 512, n, torch.float32))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        y = pam.position_attention_efficient(q, k, v)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - start <= y.numel() * y.element_size() + 2**20  # + allocator rounding
+
+
 def test_blocks_never_build_the_n_by_n_matrix(monkeypatch):
     """Every tensor the blocks path allocates under autograd is far below N x N elements."""
     n = 40 * 40

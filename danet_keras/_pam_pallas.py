@@ -17,7 +17,8 @@ within rounding.
 :func:`position_attention` is a ``jax.custom_vjp``: called plainly (``predict``,
 a jitted forward) it runs this kernel; differentiated (``fit``, ``jax.grad``)
 it runs the function it is given and that function's own backward pass
-(``keras.ops.dot_product_attention`` in heads, whose cuDNN backward is fused).
+(half precision: cuDNN's attention in heads, whose backward is fused;
+float32: the blocks).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = ["available", "position_attention", "position_attention_forward"]
 # Tile sizes: queries per program, keys per step, V columns per program, warps, pipeline stages
 # (the fastest of those tried at 181 x 181, B = 2, C = 512; docs/BENCHMARKS.md). float32 tiles take
 # twice the shared memory of half-precision ones.
-TILES = {"half": (128, 128, 256, 8, 2), "float32": (64, 64, 128, 4, 2)}
+TILES = {"half": (128, 128, 256, 8, 2), "float32": (128, 32, 256, 8, 2)}
 BLOCK_Q, BLOCK_K, BLOCK_V, NUM_WARPS, NUM_STAGES = TILES["half"]
 
 

@@ -26,7 +26,10 @@
     buffers in place (``_pam_torch``), as ``keras.ops`` cannot.
   - float16/bfloat16 on a GPU (JAX, torch backends):
     ``keras.ops.dot_product_attention(scale=1)`` with V split into heads of
-    q/k's width that share q and k (flash/cuDNN kernels need one head size).
+    q/k's width that share q and k (flash/cuDNN kernels need one head size);
+    on JAX ``jax.nn.dot_product_attention(implementation="cudnn")`` itself,
+    as Keras' own choice can fall back to XLA's ``N x N`` attention (the
+    blocks where cuDNN refuses).
     On JAX, a forward pass that is not differentiated runs one Pallas kernel
     instead (``_pam_pallas``: the energies computed twice for 512 channels,
     not eight times; 6.9 against 10.9 ms at 181 x 181, B = 2).
@@ -324,11 +327,12 @@ def _attend_blocks(q, k, v, rows):
     return attend(q, k, v)
 
 
-def position_attention_kernel(q, k, v):
+def position_attention_kernel(q, k, v, attention=None):
     """The same function with ``keras.ops.dot_product_attention(scale=1)``.
 
     V ``(B, N, C)`` is split into ``C // C'`` heads of width ``C'`` that all
-    use the same q and k; requires ``C % C' == 0``.
+    use the same q and k; requires ``C % C' == 0``. ``attention`` replaces
+    ``keras.ops.dot_product_attention`` (same arguments, ``(B, N, heads, C')``).
     """
     cq, c = q.shape[-1], v.shape[-1]
     heads = c // cq
@@ -336,8 +340,28 @@ def position_attention_kernel(q, k, v):
     vh = ops.reshape(v, (shape[0], shape[1], heads, cq))
     qh = ops.repeat(ops.expand_dims(q, 2), heads, axis=2)
     kh = ops.repeat(ops.expand_dims(k, 2), heads, axis=2)
-    out = ops.dot_product_attention(qh, kh, vh, scale=1.0)
+    out = (attention or ops.dot_product_attention)(qh, kh, vh, scale=1.0)
     return ops.reshape(out, shape)
+
+
+def _cudnn_attention(q, k, v, scale):
+    import jax
+
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+
+
+def _jax_gpu_heads(q, k, v):
+    """JAX on a GPU, half precision: cuDNN's fused attention in heads (its backward fused too), else the blocks.
+
+    Not ``keras.ops.dot_product_attention``: where Keras does not recognise
+    cuDNN (Keras 3.15 with JAX 0.11 does not), it falls back to XLA's
+    attention, which builds the ``N x N`` matrix of every head (at 181 x 181,
+    B = 2, C = 512 its backward asks for 64 GiB).
+    """
+    try:
+        return position_attention_kernel(q, k, v, _cudnn_attention)
+    except (RuntimeError, ValueError, NotImplementedError, TypeError):  # no cuDNN, or it refuses the inputs
+        return position_attention_blocks(q, k, v)
 
 
 def _gpu_available() -> bool:
@@ -371,9 +395,10 @@ def position_attention_efficient(q, k, v):
         if keras.backend.backend() == "jax":
             from . import _pam_pallas
 
-            if _pam_pallas.available(q, v):  # its gradients: the heads' or the blocks'
-                return _pam_pallas.position_attention(
-                    q, k, v, position_attention_kernel if heads else position_attention_blocks)
+            differentiable = _jax_gpu_heads if heads else position_attention_blocks
+            if _pam_pallas.available(q, v):  # the kernel's value, the differentiable function's gradients
+                return _pam_pallas.position_attention(q, k, v, differentiable)
+            return differentiable(q, k, v)
         if heads:
             return position_attention_kernel(q, k, v)
     if not isinstance(q.shape[1], int):

@@ -5,12 +5,15 @@ kernels take in different ways: V split into heads of q/k's width (every
 kernel; the energies and exponentials are recomputed ``8`` times), heads of
 128 or 256 columns beside q/k's 64 (cuDNN's kernel; 4 or 2 times), q and k
 zero-padded to the heads' width, one head (the memory-efficient kernel), or
-our own Pallas kernel on JAX. This script times each on the same inputs,
-B = 2, C = 512, in one process (CUDA events in torch, wall clock after
-``block_until_ready`` on JAX; the median of ``--calls`` calls after two
-warm-ups) with the peak memory above the inputs (torch), and the float32
-candidates: the official path, the blocks at several block sizes, and the
-memory-efficient kernel. TF32 is off throughout.
+a kernel of our own that splits V's columns over programs: the Pallas kernel
+on JAX (``danet_keras._pam_pallas``) and a Triton kernel for torch in float32
+(``pam_triton_float32.py``, not used by ``danet_torch``). This script times
+each on the same inputs, B = 2, C = 512, in one process (CUDA events in
+torch, wall clock after ``block_until_ready`` on JAX; the median of
+``--calls`` calls after two warm-ups) with the peak memory above the inputs
+(torch), over our kernels' tile sizes (the fastest printed), and checks the
+float32 candidates' first and last 256 queries against float64. TF32 is off
+throughout.
 
     python benchmarks/pam_gpu_kernels.py --framework torch --size 181
     python benchmarks/pam_gpu_kernels.py --framework jax --size 181
@@ -31,7 +34,7 @@ from measure import machine  # noqa: E402
 
 __all__ = ["main"]
 
-# (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages) tried for danet_torch._pam_triton (float32) and
+# (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages) tried for pam_triton_float32.py (torch, float32) and
 # danet_keras._pam_pallas (float32; half precision: PALLAS_HALF_TILES).
 TRITON_TILES = ((128, 64, 128, 8, 2), (128, 64, 128, 8, 3), (64, 64, 128, 4, 2), (64, 64, 128, 4, 3),
                 (64, 64, 256, 8, 2), (128, 32, 256, 8, 2), (128, 128, 128, 8, 2), (64, 32, 128, 4, 3))
@@ -150,7 +153,9 @@ def _torch_float32(args, inputs, report, heads) -> None:
     import torch
     from torch.nn.attention import SDPBackend
 
-    from danet_torch import _pam_triton, pam
+    import pam_triton_float32 as triton_kernel
+
+    from danet_torch import pam
 
     n = args.size * args.size
     print(f"\nfloat32 forward, B = 2, {args.size} x {args.size}, C = 512\n")
@@ -164,29 +169,30 @@ def _torch_float32(args, inputs, report, heads) -> None:
                    lambda: pam.position_attention_blocks(q, k, v, rows))
         report("SDPA, one head of 512, EFFICIENT_ATTENTION",
                lambda: heads(q, k, v, 512, SDPBackend.EFFICIENT_ATTENTION))
-        if _pam_triton.triton is None:
+        if triton_kernel.triton is None:
             print("| Triton kernel | not run: Triton is not installed | |")
             return
         times = {tiles: report(f"Triton kernel, tf32x3, tiles {tiles}",
-                               lambda tiles=tiles: _pam_triton.position_attention_forward(q, k, v, tiles))
+                               lambda tiles=tiles: triton_kernel.position_attention_forward(q, k, v, tiles))
                  for tiles in TRITON_TILES}
         best = min(times, key=times.get)
         print(f"\nfastest torch float32 tiles: {best}\n")
         kt = k.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, C' contiguous
         report(f"Triton kernel, tf32x3, tiles {best}, k stored (B, N, C')",
-               lambda: _pam_triton.position_attention_forward(q, kt, v, best))
+               lambda: triton_kernel.position_attention_forward(q, kt, v, best))
         report(f"Triton kernel, ieee (CUDA cores), tiles {best}",
-               lambda: _pam_triton.position_attention_forward(q, k, v, best, precision="ieee"))
+               lambda: triton_kernel.position_attention_forward(q, k, v, best, precision="ieee"))
         report("danet_torch efficient path", lambda: pam.position_attention_efficient(q, k, v))
         tokens = [t.transpose(1, 2).cpu().numpy() for t in (q, k, v)]
         expected = _float64_rows(*tokens)
         for name, fn in (("official", pam.position_attention_official),
-                         ("Triton kernel", _pam_triton.position_attention_forward)):
+                         ("Triton kernel", triton_kernel.position_attention_forward)):
             error = _max_error(fn(q, k, v).transpose(1, 2).cpu().numpy(), expected)
             print(f"| {name}: largest error against float64, {2 * len(_rows())} rows | {error} | |")
 
 
 def _jax(args) -> None:
+    os.environ.setdefault("KERAS_BACKEND", "jax")  # danet_keras imports Keras, whose default is TensorFlow
     import jax
     import jax.numpy as jnp
     import numpy as np

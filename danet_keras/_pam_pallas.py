@@ -17,8 +17,7 @@ within rounding.
 :func:`position_attention` is a ``jax.custom_vjp``: called plainly (``predict``,
 a jitted forward) it runs this kernel; differentiated (``fit``, ``jax.grad``)
 it runs the function it is given and that function's own backward pass
-(half precision: cuDNN's attention in heads, whose backward is fused;
-float32: the blocks).
+(``danet_keras.pam`` gives it the blocks).
 """
 
 from __future__ import annotations

@@ -24,18 +24,19 @@
     at a time, XLA and TensorFlow graphs included). Keras' torch backend:
     a ``torch.autograd.Function`` with the same math that reuses its
     buffers in place (``_pam_torch``), as ``keras.ops`` cannot.
-  - float16/bfloat16 on a GPU (JAX, torch backends):
+  - float16/bfloat16 on a GPU, torch backend:
     ``keras.ops.dot_product_attention(scale=1)`` with V split into heads of
-    q/k's width that share q and k (flash/cuDNN kernels need one head size);
-    on JAX ``jax.nn.dot_product_attention(implementation="cudnn")`` itself,
-    as Keras' own choice can fall back to XLA's ``N x N`` attention (the
-    blocks where cuDNN refuses).
-    On JAX, a forward pass that is not differentiated runs one Pallas kernel
-    instead (``_pam_pallas``: the energies computed twice for 512 channels,
-    not eight times; 6.9 against 10.9 ms at 181 x 181, B = 2).
-  - float32 on a GPU, JAX: the same Pallas kernel for a forward pass that is
-    not differentiated (products float32 to within rounding, as three TF32
-    products each); differentiated, the blocks.
+    q/k's width that share q and k (flash/cuDNN kernels need one head size).
+  - JAX on a GPU (float16, bfloat16, float32): a forward pass that is not
+    differentiated runs one Pallas kernel (``_pam_pallas``: the energies
+    computed twice for 512 channels, not eight times; float32 products to
+    within rounding, as three TF32 products each); differentiated, the
+    blocks. Not ``keras.ops.dot_product_attention``: where Keras 3.15 does
+    not find cuDNN usable (with JAX 0.11 it does not) it runs XLA's
+    attention, which builds the ``N x N`` matrix of every head (its backward
+    asks for 64 GiB at 181 x 181, B = 2, bfloat16); and
+    ``jax.nn.dot_product_attention(implementation="cudnn")`` in heads did
+    not compile its backward at 33 x 35 (docs/BENCHMARKS.md).
 
 * ``"auto"`` is resolved once, when a layer is constructed
   (:func:`resolve_path`): ``"efficient"`` unless the environment variable
@@ -327,12 +328,11 @@ def _attend_blocks(q, k, v, rows):
     return attend(q, k, v)
 
 
-def position_attention_kernel(q, k, v, attention=None):
+def position_attention_kernel(q, k, v):
     """The same function with ``keras.ops.dot_product_attention(scale=1)``.
 
     V ``(B, N, C)`` is split into ``C // C'`` heads of width ``C'`` that all
-    use the same q and k; requires ``C % C' == 0``. ``attention`` replaces
-    ``keras.ops.dot_product_attention`` (same arguments, ``(B, N, heads, C')``).
+    use the same q and k; requires ``C % C' == 0``.
     """
     cq, c = q.shape[-1], v.shape[-1]
     heads = c // cq
@@ -340,28 +340,8 @@ def position_attention_kernel(q, k, v, attention=None):
     vh = ops.reshape(v, (shape[0], shape[1], heads, cq))
     qh = ops.repeat(ops.expand_dims(q, 2), heads, axis=2)
     kh = ops.repeat(ops.expand_dims(k, 2), heads, axis=2)
-    out = (attention or ops.dot_product_attention)(qh, kh, vh, scale=1.0)
+    out = ops.dot_product_attention(qh, kh, vh, scale=1.0)
     return ops.reshape(out, shape)
-
-
-def _cudnn_attention(q, k, v, scale):
-    import jax
-
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-
-
-def _jax_gpu_heads(q, k, v):
-    """JAX on a GPU, half precision: cuDNN's fused attention in heads (its backward fused too), else the blocks.
-
-    Not ``keras.ops.dot_product_attention``: where Keras does not recognise
-    cuDNN (Keras 3.15 with JAX 0.11 does not), it falls back to XLA's
-    attention, which builds the ``N x N`` matrix of every head (at 181 x 181,
-    B = 2, C = 512 its backward asks for 64 GiB).
-    """
-    try:
-        return position_attention_kernel(q, k, v, _cudnn_attention)
-    except (RuntimeError, ValueError, NotImplementedError, TypeError):  # no cuDNN, or it refuses the inputs
-        return position_attention_blocks(q, k, v)
 
 
 def _gpu_available() -> bool:
@@ -381,7 +361,7 @@ def _gpu_available() -> bool:
 
 
 def position_attention_efficient(q, k, v):
-    """The efficient path: the attention kernel for half precision on a GPU, else blocks.
+    """The efficient path: on a GPU the kernels (JAX: Pallas; torch: fused attention in half precision), else blocks.
 
     A TensorFlow graph traced with unknown spatial sizes (``N`` is ``None``:
     exports such as SavedModel and ONNX, or ``fit`` on inputs of changing
@@ -389,17 +369,14 @@ def position_attention_efficient(q, k, v):
     exporting: the graph then holds plain matmuls and a softmax that run at
     any size. An unknown batch size alone keeps the blocks.
     """
-    dtype = keras.backend.standardize_dtype(q.dtype)
-    heads = dtype in ("float16", "bfloat16") and v.shape[-1] % q.shape[-1] == 0
-    if (heads or dtype == "float32") and _gpu_available():
+    half = keras.backend.standardize_dtype(q.dtype) in ("float16", "bfloat16")
+    if _gpu_available():
         if keras.backend.backend() == "jax":
             from . import _pam_pallas
 
-            differentiable = _jax_gpu_heads if heads else position_attention_blocks
-            if _pam_pallas.available(q, v):  # the kernel's value, the differentiable function's gradients
-                return _pam_pallas.position_attention(q, k, v, differentiable)
-            return differentiable(q, k, v)
-        if heads:
+            if _pam_pallas.available(q, v):  # the kernel's value, the blocks' gradients
+                return _pam_pallas.position_attention(q, k, v, position_attention_blocks)
+        elif half and v.shape[-1] % q.shape[-1] == 0:
             return position_attention_kernel(q, k, v)
     if not isinstance(q.shape[1], int):
         return position_attention_official(q, k, v)

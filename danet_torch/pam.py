@@ -27,12 +27,6 @@ it; :class:`~danet_torch.PositionAttention` takes ``pam_path=``:
     float32 runs the memory-efficient kernel in one head. On a GPU the
     blocks' long reductions (``P V`` over all ``N`` keys for a few hundred
     queries) leave most of the chip idle (docs/BENCHMARKS.md).
-  - CUDA, float32, a forward pass that nothing differentiates (``no_grad``,
-    ``inference_mode``, inputs and weights that need no gradient): one
-    Triton kernel (:mod:`danet_torch._pam_triton`: flash attention's online
-    softmax, V's columns split over programs, products float32 to within
-    rounding as three TF32 products), which reads q, k, v where they are and
-    allocates only the output.
 
 * ``"auto"`` (the default) is resolved once, when a layer is built
   (:func:`resolve_path`, as timm's ``use_fused_attn()``): ``"efficient"``,
@@ -272,25 +266,11 @@ def position_attention_kernel(q, k, v) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _differentiated(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def position_attention_efficient(q, k, v) -> torch.Tensor:
-    """The efficient path: on CUDA the attention kernels, else blocks.
-
-    float32 on CUDA: our Triton kernel (:mod:`danet_torch._pam_triton`) for a
-    forward pass that nothing differentiates, else the memory-efficient
-    kernel and its backward.
-    """
+    """The efficient path: on CUDA the attention kernels (float32: the memory-efficient one), else blocks."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return position_attention_kernel(q, k, v)
     if q.is_cuda and q.dtype == torch.float32:
-        if not _differentiated(q, k, v):
-            from . import _pam_triton
-
-            if _pam_triton.available(q, k, v):
-                return _pam_triton.position_attention_forward(q, k, v)
         out = _try_sdpa(SDPBackend.EFFICIENT_ATTENTION, q, k, v, v.shape[1])
         if out is not None:
             return out.transpose(1, 2)

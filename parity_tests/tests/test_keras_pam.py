@@ -147,7 +147,7 @@ def test_pallas_path_runs_the_kernel_and_differentiates_the_given_function(rng):
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="the GPU kernels run on JAX and torch")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_gpu_efficient_path_against_float64(dtype, rng, monkeypatch):
-    """Values (JAX: the Pallas kernel's) and gradients; float32 matmuls at full precision (no TF32)."""
+    """Values (JAX: the Pallas kernel's) and gradients (JAX: the blocks'); float32 matmuls at full precision."""
     calls = []
     precision = contextlib.nullcontext()
     if BACKEND == "jax":
@@ -159,8 +159,9 @@ def test_gpu_efficient_path_against_float64(dtype, rng, monkeypatch):
         kernel = _pam_pallas.position_attention_forward
         monkeypatch.setattr(_pam_pallas, "position_attention_forward", lambda *a, **kw: calls.append(1) or kernel(
             *a, **kw))
-        cudnn = pam._cudnn_attention
-        monkeypatch.setattr(pam, "_cudnn_attention", lambda *a, **kw: calls.append("cudnn") or cudnn(*a, **kw))
+        blocks = pam.position_attention_blocks
+        monkeypatch.setattr(pam, "position_attention_blocks", lambda *a, **kw: calls.append("blocks") or blocks(
+            *a, **kw))
     q, k = (rng.standard_normal((2, 33 * 35, 64)).astype("float32") for _ in range(2))
     v, weight = (rng.standard_normal((2, 33 * 35, 512)).astype("float32") for _ in range(2))
     with _dtype_enabled("float64"):
@@ -172,8 +173,8 @@ def test_gpu_efficient_path_against_float64(dtype, rng, monkeypatch):
         assert calls == [1] or BACKEND != "jax"  # JAX: the Pallas kernel gave the value
         got = _core_grads(lambda *t: keras.ops.cast(pam.position_attention_efficient(
             *(keras.ops.cast(x, dtype) for x in t)), "float32"), q, k, v, weight)
-    if BACKEND == "jax":  # the gradients: cuDNN's fused attention in half precision, the blocks in float32
-        assert ("cudnn" in calls) == (dtype != "float32")
+    if BACKEND == "jax":  # the gradients: the blocks'
+        assert "blocks" in calls
     check(f"GPU efficient {dtype}", value, expected[0], dtype)
     for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
         check(f"GPU efficient {dtype} {name}", g, e, dtype, "grad")

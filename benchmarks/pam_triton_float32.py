@@ -1,23 +1,23 @@
-"""PAM's float32 forward pass as one Triton kernel (CUDA; inference).
+"""A float32 PAM forward pass as one Triton kernel: a candidate that was measured and not adopted.
 
 ``out = V softmax(Q^T K)^T`` with no ``1/sqrt(d)``: q and k are ``C'`` wide
 (64 for 512 channels), v is ``C`` wide (512). The kernel streams blocks of
 keys past a block of queries as flash attention does (online softmax,
 float32 statistics and accumulator) and splits only the ``C`` columns of V
 over programs, ``BLOCK_C`` at a time, so the energies are recomputed
-``C // BLOCK_C`` times. It reads q, k, v in the layer's own ``(B, C, N)``
-layout through their strides and writes a contiguous ``(B, C, N)`` output:
-nothing is copied, and nothing but the output is allocated.
+``C // BLOCK_C`` times. It reads q, k, v in torch's ``(B, C, N)`` layout
+through their strides and writes a contiguous ``(B, C, N)`` output: nothing
+is copied, and nothing but the output is allocated.
 
 Products are float32 to within rounding: each runs on the tensor cores as
 three TF32 products (``input_precision="tf32x3"``: ``a b ~ a_hi b_hi +
-a_hi b_lo + a_lo b_hi``, the split CUTLASS calls fast accurate float32 and
-the memory-efficient attention kernel uses for float32), not as one TF32
-product, whose 10-bit mantissa the parity tolerances would not allow.
+a_hi b_lo + a_lo b_hi``), as ``danet_keras._pam_pallas`` does in float32 on
+JAX; one TF32 product's 10-bit mantissa is outside the parity tolerances.
 
-:func:`available` says where it runs; ``danet_torch.pam`` calls it for a
-float32 forward pass that nothing differentiates and keeps
-``scaled_dot_product_attention``'s memory-efficient kernel for training.
+On one H100 at 181 x 181, B = 2, C = 512 it takes 167 ms (124 ms with k
+stored ``(B, N, C')``) with 128 MiB, against 58.5 ms for the official
+``bmm`` + softmax and 83 ms (288 MiB) for the memory-efficient kernel that
+``danet_torch`` runs (docs/BENCHMARKS.md): ``pam_gpu_kernels.py`` times it.
 """
 
 from __future__ import annotations
@@ -27,25 +27,14 @@ import torch
 try:  # Triton comes with torch's CUDA wheels; CPU-only installs have none
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where Triton is missing
+except ImportError:
     triton = None
 
-__all__ = ["available", "position_attention_forward", "TILES"]
+__all__ = ["position_attention_forward", "TILES"]
 
 # Queries per program, keys per step, V columns per program, warps, pipeline stages
-# (the fastest of those tried at 181 x 181, B = 2, C = 512; docs/BENCHMARKS.md).
-TILES = (128, 64, 128, 8, 2)
-
-def available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """True where the kernel takes the inputs: Triton present, float32, ``C'`` a power of two in
-    [16, 256], ``C`` a multiple of the tile's ``BLOCK_C`` or a power of two below it (the caller checks
-    for CUDA)."""
-    if triton is None or not all(t.dtype == torch.float32 for t in (q, k, v)):
-        return False
-    ck, c = q.shape[1], v.shape[1]
-    block_c = min(TILES[2], c)
-    return all(16 <= x <= 256 and x & (x - 1) == 0 for x in (ck, block_c)) and c % block_c == 0
-
+# (the fastest of those tried at 181 x 181, B = 2, C = 512 on one H100).
+TILES = (128, 64, 128, 8, 3)
 
 if triton is not None:
 
@@ -108,7 +97,7 @@ def position_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             rounding), ``"ieee"`` (float32 on the CUDA cores) or ``"tf32"`` (benchmarks only).
     """
     if triton is None:
-        raise RuntimeError("danet_torch._pam_triton needs Triton, which this installation of torch lacks.")
+        raise RuntimeError("pam_triton_float32.py needs Triton, which this installation of torch lacks.")
     block_m, block_n, block_c, num_warps, num_stages = tiles or TILES
     b, ck, n = q.shape
     c = v.shape[1]

@@ -6,8 +6,8 @@ do not take (they need one head size, so V would be split into ``C // C'``
 heads that recompute the same energies and exponentials each). This kernel
 streams blocks of keys past a block of queries as flash attention does
 (online softmax, float32 statistics and accumulator) and splits only the
-``C`` columns of V over programs, ``BLOCK_V`` at a time: the energies are
-recomputed ``C // BLOCK_V`` times (two for 512 channels), not ``C // C'``
+``C`` columns of V over programs, a tile of them at a time: the energies are
+recomputed ``C`` / tile times (two for 512 channels), not ``C // C'``
 times. It reads q, k and v where they are (no padded copies: the last,
 partial blocks of queries and keys are read through masks) and allocates
 only the output. float32 products run on the tensor cores as three TF32
@@ -23,6 +23,7 @@ it runs the function it is given and that function's own backward pass
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import jax
@@ -36,7 +37,6 @@ __all__ = ["available", "position_attention", "position_attention_forward"]
 # (the fastest of those tried at 181 x 181, B = 2, C = 512; docs/BENCHMARKS.md). float32 tiles take
 # twice the shared memory of half-precision ones.
 TILES = {"half": (128, 128, 256, 8, 2), "float32": (128, 32, 256, 8, 2)}
-BLOCK_Q, BLOCK_K, BLOCK_V, NUM_WARPS, NUM_STAGES = TILES["half"]
 
 
 def tiles_for(dtype) -> tuple:
@@ -44,19 +44,31 @@ def tiles_for(dtype) -> tuple:
     return TILES["float32" if jnp.dtype(dtype) == jnp.float32 else "half"]
 
 
+@functools.cache
+def triton_backend() -> bool:
+    """True where this JAX has Pallas' Triton backend (JAX deprecates it for Mosaic GPU; without it the
+    efficient path runs the blocks)."""
+    try:
+        importlib.import_module("jax.experimental.pallas.triton")
+    except ImportError:
+        return False
+    return True
+
+
 def available(q, v) -> bool:
     """True where the kernel takes the inputs: float16, bfloat16 or float32, a static ``N``, ``C'`` a power
-    of two in [16, 256], ``C`` a multiple of ``BLOCK_V`` or a power of two below it (the caller checks for a
-    GPU)."""
+    of two in [16, 256], ``C`` a multiple of the tile's V columns or a power of two below it, and Pallas'
+    Triton backend present (the caller checks for a GPU)."""
     ck, c = q.shape[-1], v.shape[-1]
     block_v = min(tiles_for(q.dtype)[2], c)
     return (jnp.dtype(q.dtype) in (jnp.float16, jnp.bfloat16, jnp.float32) and isinstance(q.shape[1], int)
-            and all(16 <= x <= 256 and x & (x - 1) == 0 for x in (ck, block_v)) and c % block_v == 0)
+            and all(16 <= x <= 256 and x & (x - 1) == 0 for x in (ck, block_v)) and c % block_v == 0
+            and triton_backend())
 
 
 def _precision(dtype, interpret):
-    """float32 products to within rounding on the GPU's tensor cores (three TF32 products each, as
-    ``danet_torch._pam_triton``); half precision and the interpreter take the default."""
+    """float32 products to within rounding on the GPU's tensor cores (three TF32 products each); half
+    precision and the interpreter take the default."""
     if jnp.dtype(dtype) == jnp.float32 and not interpret:
         return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
     return None

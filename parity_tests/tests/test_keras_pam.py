@@ -120,6 +120,27 @@ def test_pallas_kernel_against_float64(dtype, n, rng):
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the Pallas kernel is JAX's")
+def test_pallas_kernel_takes_what_it_can_compute(monkeypatch):
+    """``available``: float32 and half precision, q/k widths and V tiles that are powers of two, a Triton backend."""
+    import jax.numpy as jnp
+
+    from danet_keras import _pam_pallas
+
+    def takes(dtype, ck=64, c=512):
+        return _pam_pallas.available(jnp.zeros((2, 40, ck), dtype), jnp.zeros((2, 40, c), dtype))
+
+    assert _pam_pallas.triton_backend()
+    assert all(takes(dtype) for dtype in ("float32", "bfloat16", "float16"))
+    assert takes("float32", ck=16, c=32)  # V narrower than one tile: one tile of 32 columns
+    assert not takes("int32")
+    assert not takes("float32", ck=8)  # below the products' smallest tile
+    assert not takes("float32", ck=48)  # not a power of two
+    assert not takes("float32", c=384)  # not a whole number of 256-column tiles
+    monkeypatch.setattr(_pam_pallas, "triton_backend", lambda: False)  # a JAX without Pallas' Triton backend
+    assert not takes("float32")
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the Pallas kernel is JAX's")
 def test_pallas_path_runs_the_kernel_and_differentiates_the_given_function(rng):
     import jax
 

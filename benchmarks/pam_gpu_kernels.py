@@ -41,6 +41,20 @@ TRITON_TILES = ((128, 64, 128, 8, 2), (128, 64, 128, 8, 3), (64, 64, 128, 4, 2),
 PALLAS_HALF_TILES = ((128, 64, 256, 8, 2), (64, 64, 256, 4, 2), (128, 64, 128, 8, 3), (128, 128, 256, 8, 2))
 
 
+def _median_row(name: str, times: list, *extra: str) -> float:
+    """Print a table row, the median of ``times`` (ms) and ``extra`` columns; return the median."""
+    median = sorted(times)[len(times) // 2]
+    print("| " + " | ".join([name, f"{median:.2f}", *extra]) + " |")
+    return median
+
+
+def _refused_row(name: str, err: Exception, columns: int) -> float:
+    """Print a row for a kernel that refused the inputs (or did not compile); return infinity."""
+    reason = (str(err).splitlines() or [type(err).__name__])[0][:80]
+    print("| " + " | ".join([name, f"refused: {reason}"] + [""] * (columns - 2)) + " |")
+    return float("inf")
+
+
 def _rows():
     """The queries whose outputs are checked against float64: the first 256 and the last 256."""
     import numpy as np
@@ -98,12 +112,9 @@ def _torch(args) -> None:
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
-            median = sorted(times)[len(times) // 2]
-            print(f"| {name} | {median:.2f} | {peak:.0f} |")
-            return median
+            return _median_row(name, times, f"{peak:.0f}")
         except Exception as err:  # noqa: BLE001 - a kernel that refuses the inputs or does not compile
-            print(f"| {name} | refused: {(str(err).splitlines() or [type(err).__name__])[0][:80]} | |")
-            return float("inf")
+            return _refused_row(name, err, 3)
 
     # The split of danet_torch.pam._sdpa_heads without its final reshape to (B, N, C): the table gives each
     # kernel's own time and memory (the efficient path's rows in pam_benchmark.py include that copy).
@@ -216,12 +227,9 @@ def _jax(args) -> None:
                 start = time.perf_counter()
                 jax.block_until_ready(fn(q, k, v))
                 times.append((time.perf_counter() - start) * 1e3)
-            median = sorted(times)[len(times) // 2]
-            print(f"| {name} | {median:.2f} |")
-            return median
+            return _median_row(name, times)
         except Exception as err:  # noqa: BLE001 - a kernel that refuses the inputs or does not compile
-            print(f"| {name} | refused: {(str(err).splitlines() or [type(err).__name__])[0][:80]} |")
-            return float("inf")
+            return _refused_row(name, err, 2)
 
     @jax.jit
     def official(q, k, v):

@@ -83,6 +83,22 @@ def test_blocks_equal_official_values_and_gradients(n, rows, dtype, rng):
         check(f"blocks n={n} rows={rows} {name}", got, expected, dtype, "grad")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_blocks_against_float64(dtype, rng):
+    """Half precision through the blocks (on a GPU, what JAX differentiates), a last block not full: values
+    and gradients against the float64 official path."""
+    q, k = (rng.standard_normal((2, 63, 16)).astype("float32") for _ in range(2))
+    v, weight = (rng.standard_normal((2, 63, 32)).astype("float32") for _ in range(2))
+    with _dtype_enabled("float64"):
+        expected = _core_grads(pam.position_attention_official, *(t.astype("float64") for t in (q, k, v)),
+                               weight.astype("float64"))
+    got = _core_grads(lambda *t: keras.ops.cast(pam.position_attention_blocks(
+        *(keras.ops.cast(x, dtype) for x in t), rows=10), "float32"), q, k, v, weight)
+    check(f"half blocks {dtype}", got[0], expected[0], dtype)
+    for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
+        check(f"half blocks {dtype} {name}", g, e, dtype, "grad")
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="eager JAX compiles; the blocks are compiled whole there")
 def test_eager_jax_blocks_compile_once_per_shape(rng):
     """Called eagerly, the blocks run as one compiled function per shape (a repeat compiles nothing)."""

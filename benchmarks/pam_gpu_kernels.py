@@ -36,7 +36,7 @@ __all__ = ["main"]
 
 # (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages) tried for pam_triton_float32.py (torch, float32) and
 # danet_keras._pam_pallas (float32; half precision: PALLAS_HALF_TILES).
-TRITON_TILES = ((128, 64, 128, 8, 2), (128, 64, 128, 8, 3), (64, 64, 128, 4, 2), (64, 64, 128, 4, 3),
+FLOAT32_TILES = ((128, 64, 128, 8, 2), (128, 64, 128, 8, 3), (64, 64, 128, 4, 2), (64, 64, 128, 4, 3),
                 (64, 64, 256, 8, 2), (128, 32, 256, 8, 2), (128, 128, 128, 8, 2), (64, 32, 128, 4, 3))
 PALLAS_HALF_TILES = ((128, 64, 256, 8, 2), (64, 64, 256, 4, 2), (128, 64, 128, 8, 3), (128, 128, 256, 8, 2))
 
@@ -185,7 +185,7 @@ def _torch_float32(args, inputs, report, heads) -> None:
             return
         times = {tiles: report(f"Triton kernel, tf32x3, tiles {tiles}",
                                lambda tiles=tiles: triton_kernel.position_attention_forward(q, k, v, tiles))
-                 for tiles in TRITON_TILES}
+                 for tiles in FLOAT32_TILES}
         best = min(times, key=times.get)
         print(f"\nfastest torch float32 tiles: {best}\n")
         kt = k.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, C' contiguous
@@ -268,7 +268,7 @@ def _jax(args) -> None:
         report("official: matmul + softmax", official, *full)
         report("blocks (the float32 path before the kernel)", jax.jit(pam.position_attention_blocks), *full)
         times = {tiles: report(f"Pallas kernel, TF32x3, tiles {tiles}", pallas(tiles), *full)
-                 for tiles in TRITON_TILES}
+                 for tiles in FLOAT32_TILES}
         print(f"\nfastest jax float32 tiles: {min(times, key=times.get)}\n")
         expected = _float64_rows(*data)
         for name, fn in (("official", official), ("Pallas kernel", _pam_pallas.position_attention_forward)):

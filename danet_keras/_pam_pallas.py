@@ -23,7 +23,6 @@ it runs the function it is given and that function's own backward pass
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 
 import jax
@@ -31,12 +30,22 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-__all__ = ["available", "position_attention", "position_attention_forward"]
+try:  # JAX deprecates Pallas' Triton backend for Mosaic GPU; a JAX without it runs the blocks
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - JAX versions this project does not pin
+    plgpu = None
+
+__all__ = ["available", "position_attention", "position_attention_forward", "TILES"]
 
 # Tile sizes: queries per program, keys per step, V columns per program, warps, pipeline stages
-# (the fastest of those tried at 181 x 181, B = 2, C = 512; docs/BENCHMARKS.md). float32 tiles take
-# twice the shared memory of half-precision ones.
+# (the fastest of those tried at 181 x 181, B = 2, C = 512 on an H100; docs/BENCHMARKS.md). float32
+# tiles take twice the shared memory of half-precision ones.
 TILES = {"half": (128, 128, 256, 8, 2), "float32": (128, 32, 256, 8, 2)}
+# Where the tiles were compiled and checked: q/k at most 64 wide (C <= 512), GPUs of compute capability
+# 9.x and 10.x (227 KiB of shared memory per block; an A100 has 163, most others 99). Elsewhere the tiles
+# may not fit, and a kernel that does not compile inside a traced `predict` cannot fall back.
+MAX_QK_WIDTH = 64
+COMPUTE_CAPABILITIES = ("9", "10")
 
 
 def tiles_for(dtype) -> tuple:
@@ -45,25 +54,29 @@ def tiles_for(dtype) -> tuple:
 
 
 @functools.cache
-def triton_backend() -> bool:
-    """True where this JAX has Pallas' Triton backend (JAX deprecates it for Mosaic GPU; without it the
-    efficient path runs the blocks)."""
+def device_supported() -> bool:
+    """True on a GPU of a compute capability in :data:`COMPUTE_CAPABILITIES`, with Pallas' Triton backend."""
     try:
-        importlib.import_module("jax.experimental.pallas.triton")
-    except ImportError:
+        device = jax.devices()[0]
+        major = str(getattr(device, "compute_capability", "")).split(".")[0]
+    except RuntimeError:  # pragma: no cover - no usable backend
         return False
-    return True
+    return plgpu is not None and device.platform == "gpu" and major in COMPUTE_CAPABILITIES
+
+
+def _is_tile(x: int) -> bool:
+    return 16 <= x <= 256 and x & (x - 1) == 0
 
 
 def available(q, v) -> bool:
     """True where the kernel takes the inputs: float16, bfloat16 or float32, a static ``N``, ``C'`` a power
-    of two in [16, 256], ``C`` a multiple of the tile's V columns or a power of two below it, and Pallas'
-    Triton backend present (the caller checks for a GPU)."""
+    of two from 16 to :data:`MAX_QK_WIDTH`, ``C`` a multiple of the tile's V columns or a power of two below
+    it, on a device :func:`device_supported` accepts."""
     ck, c = q.shape[-1], v.shape[-1]
     block_v = min(tiles_for(q.dtype)[2], c)
     return (jnp.dtype(q.dtype) in (jnp.float16, jnp.bfloat16, jnp.float32) and isinstance(q.shape[1], int)
-            and all(16 <= x <= 256 and x & (x - 1) == 0 for x in (ck, block_v)) and c % block_v == 0
-            and triton_backend())
+            and _is_tile(ck) and ck <= MAX_QK_WIDTH and _is_tile(block_v) and c % block_v == 0
+            and device_supported())
 
 
 def _precision(dtype, interpret):
@@ -78,8 +91,6 @@ def _load(ref, rows, n, masked):
     """``ref[rows]``; rows at or past ``n`` read as zeros where ``masked`` (the last, partial block)."""
     if not masked:
         return ref[rows, :]
-    from jax.experimental.pallas import triton as plgpu
-
     index = rows.start + jnp.arange(rows.size)
     return plgpu.load(ref.at[rows, :], mask=(index < n)[:, None], other=0.0)
 
@@ -87,8 +98,8 @@ def _load(ref, rows, n, masked):
 def _kernel(q_ref, k_ref, v_ref, o_ref, *, n, block_q, block_k, precision):
     """One block of ``block_q`` queries against all ``n`` keys, ``block_k`` at a time, for ``o_ref``'s columns.
 
-    The refs hold the whole ``N`` rows (nothing is padded): the last block of queries and of keys
-    is read through a mask, and only the rows below ``n`` are written.
+    The refs hold all ``N`` rows (padded only where ``N`` is below one tile): the last block of queries
+    and of keys is read through a mask, and only the rows below ``n`` are written.
     """
     rows = pl.ds(pl.program_id(0) * block_q, block_q)
     q = _load(q_ref, rows, n, n % block_q != 0)
@@ -111,13 +122,12 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *, n, block_q, block_k, precision):
              jnp.zeros((block_q,), jnp.float32))
     full = n // block_k
     carry = lax.fori_loop(0, full, lambda i, c: step(c, i * block_k, False), carry)
-    if n % block_k:  # the last block of keys, not full (a loop of one step: its start is not static)
+    if n % block_k:  # the last block of keys, not full: a loop of one step makes its start dynamic, as a
+        # static slice past the ref's end fails Pallas' bounds check
         carry = lax.fori_loop(full, full + 1, lambda i, c: step(c, i * block_k, True), carry)
     acc, _, total = carry
     out = (acc / total[:, None]).astype(o_ref.dtype)
     if n % block_q:
-        from jax.experimental.pallas import triton as plgpu
-
         index = rows.start + jnp.arange(block_q)
         plgpu.store(o_ref.at[rows, :], out, mask=(index < n)[:, None])
     else:
@@ -131,7 +141,8 @@ def position_attention_forward(q, k, v, block_q=None, block_k=None, block_v=None
     """``(B, N, C)`` from q, k ``(B, N, C')`` and v ``(B, N, C)``, with no copy of them and no padding
     (unless ``N`` is below one tile).
 
-    Tile arguments left ``None`` take :func:`tiles_for` ``(q.dtype)``'s.
+    Tile arguments left ``None`` take :func:`tiles_for` ``(q.dtype)``'s. Raises ``ValueError`` for
+    tiles the kernel cannot use.
     """
     given = (block_q, block_k, block_v, num_warps, num_stages)
     block_q, block_k, block_v, num_warps, num_stages = (
@@ -139,13 +150,16 @@ def position_attention_forward(q, k, v, block_q=None, block_k=None, block_v=None
     b, n, ck = q.shape
     c = v.shape[-1]
     block_v = min(block_v, c)
+    for name, value in (("block_q", block_q), ("block_k", block_k), ("block_v", block_v), ("C'", ck)):
+        if not _is_tile(value):
+            raise ValueError(f"`{name}` must be a power of two from 16 to 256, got {value}.")
+    if c % block_v:
+        raise ValueError(f"`block_v` must divide v's {c} columns (or be at least {c}), got {block_v}.")
     rows = max(n, block_q, block_k)  # fewer positions than one tile: padded (a few rows), as a slice needs
     if rows > n:
         q, k, v = (jnp.pad(t, ((0, 0), (0, rows - n), (0, 0))) for t in (q, k, v))
     params = {}
     if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
         params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         functools.partial(_kernel, n=n, block_q=block_q, block_k=block_k,

@@ -30,8 +30,9 @@
   - JAX on a GPU (float16, bfloat16, float32): a forward pass that is not
     differentiated runs one Pallas kernel (``_pam_pallas``: the energies
     computed twice for 512 channels, not eight times; float32 products to
-    within rounding, as three TF32 products each); differentiated, the
-    blocks. Not ``keras.ops.dot_product_attention``: where Keras 3.15 does
+    within rounding, as three TF32 products each; on the GPUs and widths its
+    tiles were checked on: compute capability 9.x/10.x, ``C' <= 64``);
+    differentiated, the blocks. Not ``keras.ops.dot_product_attention``: where Keras 3.15 does
     not find cuDNN usable (with JAX 0.11 it does not) it runs XLA's
     attention, which builds the ``N x N`` matrix of every head (its backward
     asks for 64 GiB at 181 x 181, B = 2, bfloat16); and
@@ -361,7 +362,13 @@ def _gpu_available() -> bool:
 
 
 def position_attention_efficient(q, k, v):
-    """The efficient path: on a GPU the kernels (JAX: Pallas; torch: fused attention in half precision), else blocks.
+    """The efficient path: on a GPU the kernels, else blocks.
+
+    JAX on a GPU: the Pallas kernel gives the value of a pass that is not
+    differentiated and the blocks give gradients (``_pam_pallas.available``
+    says where the kernel runs; elsewhere the blocks do both). Keras' torch
+    backend on a GPU in half precision: ``keras.ops.dot_product_attention``
+    in heads.
 
     A TensorFlow graph traced with unknown spatial sizes (``N`` is ``None``:
     exports such as SavedModel and ONNX, or ``fit`` on inputs of changing
@@ -369,14 +376,13 @@ def position_attention_efficient(q, k, v):
     exporting: the graph then holds plain matmuls and a softmax that run at
     any size. An unknown batch size alone keeps the blocks.
     """
-    half = keras.backend.standardize_dtype(q.dtype) in ("float16", "bfloat16")
     if _gpu_available():
         if keras.backend.backend() == "jax":
             from . import _pam_pallas
 
             if _pam_pallas.available(q, v):  # the kernel's value, the blocks' gradients
                 return _pam_pallas.position_attention(q, k, v, position_attention_blocks)
-        elif half and v.shape[-1] % q.shape[-1] == 0:
+        elif keras.backend.standardize_dtype(q.dtype) in ("float16", "bfloat16") and v.shape[-1] % q.shape[-1] == 0:
             return position_attention_kernel(q, k, v)
     if not isinstance(q.shape[1], int):
         return position_attention_official(q, k, v)

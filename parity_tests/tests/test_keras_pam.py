@@ -120,7 +120,18 @@ def test_kernel_path_equals_official(rng):
     check("kernel path", keras.ops.convert_to_numpy(pam.position_attention_kernel(q, k, v)), expected)
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="the Pallas kernel is JAX's")
+def _no_pallas_triton() -> bool:
+    if BACKEND != "jax":
+        return True
+    from danet_keras import _pam_pallas
+
+    return _pam_pallas.plgpu is None
+
+
+PALLAS = pytest.mark.skipif(_no_pallas_triton(), reason="the Pallas kernel is JAX's, with Pallas' Triton backend")
+
+
+@PALLAS
 @pytest.mark.parametrize("n", [45, 48, 10], ids=["last-blocks-partial", "whole-blocks", "under-one-block"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_pallas_kernel_against_float64(dtype, n, rng):
@@ -136,8 +147,8 @@ def test_pallas_kernel_against_float64(dtype, n, rng):
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the Pallas kernel is JAX's")
-def test_pallas_kernel_takes_what_it_can_compute(monkeypatch):
-    """``available``: float32 and half precision, q/k widths and V tiles that are powers of two, a Triton backend."""
+def test_pallas_kernel_takes_what_it_was_checked_on(monkeypatch):
+    """``available``: float32 and half precision, q/k 16 to 64 wide, whole V tiles, a supported GPU."""
     import jax.numpy as jnp
 
     from danet_keras import _pam_pallas
@@ -145,18 +156,46 @@ def test_pallas_kernel_takes_what_it_can_compute(monkeypatch):
     def takes(dtype, ck=64, c=512):
         return _pam_pallas.available(jnp.zeros((2, 40, ck), dtype), jnp.zeros((2, 40, c), dtype))
 
-    assert _pam_pallas.triton_backend()
+    monkeypatch.setattr(_pam_pallas, "device_supported", lambda: True)
     assert all(takes(dtype) for dtype in ("float32", "bfloat16", "float16"))
     assert takes("float32", ck=16, c=32)  # V narrower than one tile: one tile of 32 columns
     assert not takes("int32")
     assert not takes("float32", ck=8)  # below the products' smallest tile
     assert not takes("float32", ck=48)  # not a power of two
+    assert not takes("bfloat16", ck=128, c=1024)  # wider q/k than the tiles were checked with
     assert not takes("float32", c=384)  # not a whole number of 256-column tiles
-    monkeypatch.setattr(_pam_pallas, "triton_backend", lambda: False)  # a JAX without Pallas' Triton backend
+    monkeypatch.setattr(_pam_pallas, "device_supported", lambda: False)
     assert not takes("float32")
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the Pallas kernel is JAX's")
+@pytest.mark.parametrize("platform, capability, supported", [
+    ("gpu", "9.0", True), ("gpu", "10.0", True), ("gpu", "8.0", False), ("gpu", "12.0", False),
+    ("cpu", None, False)])
+def test_pallas_kernel_runs_on_the_gpus_its_tiles_fit(platform, capability, supported, monkeypatch):
+    import jax
+
+    from danet_keras import _pam_pallas
+
+    device = type("Device", (), {"platform": platform, "compute_capability": capability})()
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    assert _pam_pallas.device_supported.__wrapped__() is (supported and _pam_pallas.plgpu is not None)
+
+
+@PALLAS
+def test_pallas_kernel_refuses_tiles_it_cannot_use():
+    from danet_keras import _pam_pallas
+
+    q = np.zeros((1, 40, 16), "float32")
+    with pytest.raises(ValueError, match="`block_v` must divide v's 48 columns"):
+        _pam_pallas.position_attention_forward(q, q, np.zeros((1, 40, 48), "float32"), block_q=16, block_k=16,
+                                               block_v=32, interpret=True)
+    with pytest.raises(ValueError, match="`block_q` must be a power of two from 16 to 256, got 24"):
+        _pam_pallas.position_attention_forward(q, q, np.zeros((1, 40, 32), "float32"), block_q=24, block_k=16,
+                                               block_v=32, interpret=True)
+
+
+@PALLAS
 def test_pallas_path_runs_the_kernel_and_differentiates_the_given_function(rng):
     import jax
 
@@ -207,7 +246,8 @@ def test_gpu_efficient_path_against_float64(dtype, rng, monkeypatch):
     inputs = [keras.ops.cast(t, dtype) for t in (q, k, v)]
     with precision:
         value = keras.ops.convert_to_numpy(keras.ops.cast(pam.position_attention_efficient(*inputs), "float32"))
-        assert calls == [1] or BACKEND != "jax"  # JAX: the Pallas kernel gave the value
+        if BACKEND == "jax" and _pam_pallas.device_supported():
+            assert calls == [1]  # the Pallas kernel gave the value
         got = _core_grads(lambda *t: keras.ops.cast(pam.position_attention_efficient(
             *(keras.ops.cast(x, dtype) for x in t)), "float32"), q, k, v, weight)
     if BACKEND == "jax":  # the gradients: the blocks'

@@ -150,7 +150,7 @@ def position_attention_forward(q, k, v, block_q=None, block_k=None, block_v=None
     b, n, ck = q.shape
     c = v.shape[-1]
     block_v = min(block_v, c)
-    for name, value in (("block_q", block_q), ("block_k", block_k), ("block_v", block_v), ("C'", ck)):
+    for name, value in (("block_q", block_q), ("block_k", block_k), ("block_v", block_v), ("q's width", ck)):
         if not _is_tile(value):
             raise ValueError(f"`{name}` must be a power of two from 16 to 256, got {value}.")
     if c % block_v:

@@ -87,12 +87,16 @@ def _precision(dtype, interpret):
     return None
 
 
+def _below(rows, n):
+    """``(rows.size, 1)``: which of the slice ``rows`` lie below ``n``."""
+    return (rows.start + jnp.arange(rows.size) < n)[:, None]
+
+
 def _load(ref, rows, n, masked):
     """``ref[rows]``; rows at or past ``n`` read as zeros where ``masked`` (the last, partial block)."""
     if not masked:
         return ref[rows, :]
-    index = rows.start + jnp.arange(rows.size)
-    return plgpu.load(ref.at[rows, :], mask=(index < n)[:, None], other=0.0)
+    return plgpu.load(ref.at[rows, :], mask=_below(rows, n), other=0.0)
 
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, *, n, block_q, block_k, precision):
@@ -110,7 +114,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *, n, block_q, block_k, precision):
         k, v = _load(k_ref, keys, n, masked), _load(v_ref, keys, n, masked)
         s = jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32) * math.log2(math.e)
         if masked:
-            s = jnp.where((start + jnp.arange(block_k))[None, :] < n, s, -jnp.inf)
+            s = jnp.where(_below(keys, n).T, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp2(s - m_new[:, None])
         alpha = jnp.exp2(m - m_new)
@@ -128,8 +132,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *, n, block_q, block_k, precision):
     acc, _, total = carry
     out = (acc / total[:, None]).astype(o_ref.dtype)
     if n % block_q:
-        index = rows.start + jnp.arange(block_q)
-        plgpu.store(o_ref.at[rows, :], out, mask=(index < n)[:, None])
+        plgpu.store(o_ref.at[rows, :], out, mask=_below(rows, n))
     else:
         o_ref[rows, :] = out
 

@@ -59,6 +59,7 @@ __all__ = [
     "position_attention_efficient",
     "position_attention_blocks",
     "position_attention_kernel",
+    "position_attention_split_k",
 ]
 
 PAM_PATHS = ("auto", "official", "efficient")
@@ -220,6 +221,57 @@ def position_attention_blocks(q, k, v, rows: int | None = None) -> torch.Tensor:
     return _PositionAttentionBlocks.apply(q, k, v, max(1, min(int(rows), q.shape[-1])))
 
 
+# float32 inference on CUDA (position_attention_split_k): queries per block, and the keys of each
+# block's product with V split into this many batched products (docs/BENCHMARKS.md's sweep).
+SPLIT_K_ROWS, SPLIT_K = 256, 32
+
+
+def position_attention_split_k(q, k, v, rows: int = SPLIT_K_ROWS, splits: int = SPLIT_K) -> torch.Tensor:
+    """The official function over blocks of ``rows`` queries, for inference (no autograd).
+
+    Each block is the official computation on ``rows`` queries: energies
+    ``(B, rows, N)``, their softmax in place, and the product with V. That
+    product, ``rows`` outputs summed over ``N`` keys, is too narrow to fill a
+    GPU (a few output tiles, each with all ``N`` keys to sum), so the keys
+    are cut into ``splits`` runs, one batched product with a tile per run,
+    and the runs' partial sums are added. The values are read in place
+    (strided views: no copy of V). Same products and softmax as the
+    official path, summed in another order; memory: the output, one block's
+    energies and ``splits`` partial outputs.
+
+    Args:
+        q, k: ``(B, C', N)``. v: ``(B, C, N)``; one floating dtype.
+        rows: Queries per block. splits: Runs of keys per product.
+
+    Returns:
+        ``(B, C, N)``, a view of a ``(B, N, C)`` tensor.
+    """
+    b, _, n = q.shape
+    c = v.shape[1]
+    rows, splits = max(1, min(int(rows), n)), max(1, min(int(splits), n))
+    run = n // splits  # keys per run; the last n - splits * run keys go in one more product
+    split = run * splits
+    qt, vt = q.transpose(1, 2), v.transpose(1, 2)  # (B, N, C'), (B, N, C): views
+    out = v.new_empty(b, n, c)
+    energies = q.new_empty(b * rows * n)
+    partial = v.new_empty(splits * rows * c) if splits > 1 else None
+    for start in range(0, n, rows):
+        r = min(rows, n - start)
+        e = torch.bmm(qt[:, start:start + r], k, out=energies[: b * r * n].view(b, r, n))
+        p = torch._softmax(e, -1, False, out=e)  # in place (the public softmax has no ``out``)
+        blk = out[:, start:start + r]
+        if partial is None:
+            torch.bmm(p, vt, out=blk)
+            continue
+        for i in range(b):
+            runs_p = p[i, :, :split].unflatten(1, (splits, run)).transpose(0, 1)  # (splits, r, run)
+            runs_v = vt[i, :split].unflatten(0, (splits, run))  # (splits, run, C)
+            torch.sum(torch.bmm(runs_p, runs_v, out=partial[: splits * r * c].view(splits, r, c)), 0, out=blk[i])
+            if split < n:
+                blk[i].addmm_(p[i, :, split:], vt[i, split:])
+    return out.transpose(1, 2)
+
+
 # V columns per head on cuDNN's attention kernel, which takes v wider than q/k: at
 # C = 512, C' = 64 two heads recompute the energies twice, not eight times.
 CUDNN_HEAD_V = 256
@@ -266,10 +318,21 @@ def position_attention_kernel(q, k, v) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+def _differentiated(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def position_attention_efficient(q, k, v) -> torch.Tensor:
-    """The efficient path: on CUDA the attention kernels (float32: the memory-efficient one), else blocks."""
+    """The efficient path: on CUDA the attention kernels, else blocks.
+
+    float32 on CUDA: inference in blocks with split products
+    (:func:`position_attention_split_k`), training through the
+    memory-efficient kernel and its backward.
+    """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return position_attention_kernel(q, k, v)
+    if q.is_cuda and q.dtype == torch.float32 and k.dtype == v.dtype == q.dtype and not _differentiated(q, k, v):
+        return position_attention_split_k(q, k, v)
     if q.is_cuda and q.dtype == torch.float32:
         out = _try_sdpa(SDPBackend.EFFICIENT_ATTENTION, q, k, v, v.shape[1])
         if out is not None:

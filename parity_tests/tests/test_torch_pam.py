@@ -34,6 +34,12 @@ def _check(name, got, expected, dtype, scope="layer"):
     assert result.passed, result.message()
 
 
+def _core_float64(q, k, v):
+    """The float64 NumPy reference for ``(B, C', N), (B, C', N), (B, C, N)``: ``(B, C, N)``."""
+    tokens = (to_numpy(t).astype(np.float64).transpose(0, 2, 1) for t in (q, k, v))
+    return ref.position_attention_core(*tokens).transpose(0, 2, 1)
+
+
 def _value_and_grads(fn, tensors, weight):
     for t in tensors:
         t.grad = None
@@ -69,6 +75,21 @@ def test_blocks_half_precision_against_float64(dtype):
     _check(f"blocks {dtype} output", got[0], expected[0], dtype)
     for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
         _check(f"blocks {dtype} {name}", g, e, dtype, scope="grad")
+
+
+# (N, rows, splits): one block, runs with a remainder, N a square with a partial last block, splits > N.
+SPLITS = [(63, 64, 1), (63, 10, 4), (45 * 45, 256, 32), (64, 16, 8), (7, 3, 9)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n, rows, splits", SPLITS)
+def test_split_k_against_float64(n, rows, splits, dtype):
+    q, k, v = _qkv(2, 4, 12, n, dtype)
+    expected = _core_float64(q, k, v)
+    with torch.no_grad():
+        got = pam.position_attention_split_k(q, k, v, rows=rows, splits=splits)
+    assert got.shape == (2, 12, n) and got.dtype == dtype
+    _check(f"split-K n={n} rows={rows} splits={splits}", got, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -218,6 +239,22 @@ def test_cuda_efficient_equals_official(dtype, head_v, monkeypatch):
     _check(f"cuda efficient {dtype}", got[0], expected[0], dtype)
     for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
         _check(f"cuda efficient {dtype} {name}", g, e, dtype, scope="grad")
+
+
+@pytest.mark.gpu
+def test_cuda_float32_inference_runs_split_k(monkeypatch):
+    """float32 inference on CUDA: the split products (at N = 33 x 35, several blocks and runs) against float64."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    calls = []
+    split_k = pam.position_attention_split_k
+    monkeypatch.setattr(pam, "position_attention_split_k", lambda *a, **kw: calls.append(1) or split_k(
+        *a, rows=256, splits=32))
+    q, k, v = (t.cuda() for t in _qkv(2, 64, 512, 33 * 35, torch.float32))
+    expected = _core_float64(q, k, v)
+    with torch.no_grad():
+        got = pam.position_attention_efficient(q, k, v)
+    assert calls == [1]
+    _check("cuda float32 inference", got, expected, torch.float32)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,9 @@ kernel; the energies and exponentials are recomputed ``8`` times), heads of
 zero-padded to the heads' width, one head (the memory-efficient kernel), or
 a kernel of our own that splits V's columns over programs: the Pallas kernel
 on JAX (``danet_keras._pam_pallas``) and a Triton kernel for torch in float32
-(``pam_triton_float32.py``, not used by ``danet_torch``). This script times
+(``pam_triton_float32.py``, not used by ``danet_torch``); and, in float32,
+cuBLAS' products over blocks of queries with the keys split into runs
+(``danet_torch.pam.position_attention_split_k``). This script times
 each on the same inputs, B = 2, C = 512, in one process (CUDA events in
 torch, wall clock after ``block_until_ready`` on JAX; the median of
 ``--calls`` calls after two warm-ups) with the peak memory above the inputs
@@ -39,6 +41,8 @@ __all__ = ["main"]
 FLOAT32_TILES = ((128, 64, 128, 8, 2), (128, 64, 128, 8, 3), (64, 64, 128, 4, 2), (64, 64, 128, 4, 3),
                 (64, 64, 256, 8, 2), (128, 32, 256, 8, 2), (128, 128, 128, 8, 2), (64, 32, 128, 4, 3))
 PALLAS_HALF_TILES = ((128, 64, 256, 8, 2), (64, 64, 256, 4, 2), (128, 64, 128, 8, 3), (128, 128, 256, 8, 2))
+# (rows, splits) tried for danet_torch.pam.position_attention_split_k (torch, float32 inference).
+SPLIT_K_CONFIGS = ((256, 32), (256, 16), (384, 16), (384, 32), (192, 32), (128, 32), (128, 64), (320, 24))
 
 
 def _median_row(name: str, times: list, *extra: str) -> float:
@@ -178,8 +182,20 @@ def _torch_float32(args, inputs, report, heads) -> None:
             rows = max(1, elements // (2 * n))
             report(f"blocks of {rows} queries ({elements >> 20}M elements)",
                    lambda: pam.position_attention_blocks(q, k, v, rows))
-        report("SDPA, one head of 512, EFFICIENT_ATTENTION",
-               lambda: heads(q, k, v, 512, SDPBackend.EFFICIENT_ATTENTION))
+        for width in (512, 256, 128):
+            report(f"SDPA, q/k 64, heads of {width}, EFFICIENT_ATTENTION",
+                   lambda: heads(q, k, v, width, SDPBackend.EFFICIENT_ATTENTION))
+        times = {config: report(f"blocks of {config[0]} queries, keys in {config[1]} runs (split products)",
+                                lambda config=config: pam.position_attention_split_k(q, k, v, *config))
+                 for config in SPLIT_K_CONFIGS}
+        print(f"\nfastest torch float32 split products (rows, splits): {min(times, key=times.get)}\n")
+        tokens = [t.transpose(1, 2).cpu().numpy() for t in (q, k, v)]
+        expected = _float64_rows(*tokens)
+        for name, fn in (("official", pam.position_attention_official),
+                         ("split products", pam.position_attention_split_k)):
+            error = _max_error(fn(q, k, v).transpose(1, 2).cpu().numpy(), expected)
+            print(f"| {name}: largest error against float64, {2 * len(_rows())} rows | {error} | |")
+        report("danet_torch efficient path", lambda: pam.position_attention_efficient(q, k, v))
         if triton_kernel.triton is None:
             print("| Triton kernel | not run: Triton is not installed | |")
             return
@@ -193,13 +209,8 @@ def _torch_float32(args, inputs, report, heads) -> None:
                lambda: triton_kernel.position_attention_forward(q, kt, v, best))
         report(f"Triton kernel, ieee (CUDA cores), tiles {best}",
                lambda: triton_kernel.position_attention_forward(q, k, v, best, precision="ieee"))
-        report("danet_torch efficient path", lambda: pam.position_attention_efficient(q, k, v))
-        tokens = [t.transpose(1, 2).cpu().numpy() for t in (q, k, v)]
-        expected = _float64_rows(*tokens)
-        for name, fn in (("official", pam.position_attention_official),
-                         ("Triton kernel", triton_kernel.position_attention_forward)):
-            error = _max_error(fn(q, k, v).transpose(1, 2).cpu().numpy(), expected)
-            print(f"| {name}: largest error against float64, {2 * len(_rows())} rows | {error} | |")
+        error = _max_error(triton_kernel.position_attention_forward(q, k, v).transpose(1, 2).cpu().numpy(), expected)
+        print(f"| Triton kernel: largest error against float64, {2 * len(_rows())} rows | {error} | |")
 
 
 def _jax(args) -> None:

@@ -242,29 +242,33 @@ def _blocks_backward(q, k, v, out, lse, dout, rows):
 
     Blocks of keys make ``dV_j = P_j^T dO`` and ``dK_j = dS_j^T Q`` sums over
     all ``N`` queries (one large product each) and leave only the narrow
-    ``dQ`` (``C'`` columns) to accumulate. ``P = exp(Q K^T - lse)`` and
-    ``dO V^T - rowsum(dO * O)`` are each one matmul: ``-lse`` and
-    ``-rowsum(dO * O)`` ride as an extra column of Q and dO against a column
-    of ones appended to K and V (zero on the keys appended to fill the last
-    block, which therefore add nothing to ``dQ``).
+    ``dQ`` (``C'`` columns) to accumulate. ``P_j = exp(min(Q K_j^T - lse, 0))``:
+    at most 1 also on the keys appended to fill the last block (zero rows of
+    K and V, whose ``dK``/``dV`` rows are dropped and whose ``dS K`` is 0),
+    where ``-lse`` alone could overflow.
+
+    ``-lse`` and ``-rowsum(dO * O)`` are subtracted from the products, not
+    carried as an extra column of Q and dO against a column of ones in K and
+    V (one product each instead of a product and a subtraction): with
+    float16/bfloat16 inputs that concatenation made XLA's GPU compiler fail
+    (jax 0.11, "Reshape input and output shapes must be the same") when N
+    fits one block.
     """
     b, n = _sizes(q)
     stat, dtype = backend_result_type(q.dtype), q.dtype
     dout = ops.cast(dout, dtype)
     delta = ops.sum(ops.cast(dout, stat) * ops.cast(out, stat), axis=-1, keepdims=True)  # rowsum(dO * O)
-    ones = ops.ones((b, n, 1), stat)
-    qa = ops.concatenate([ops.cast(q, stat), -lse], axis=-1)  # (B, N, C' + 1)
-    doa = ops.concatenate([dout, ops.cast(-delta, dtype)], axis=-1)  # (B, N, C + 1)
+    qs = ops.cast(q, stat)
     blocks = (n + rows - 1) // rows
-    xs = (_split(ops.concatenate([ops.cast(k, stat), ones], axis=-1), blocks, rows),  # (blocks, B, rows, C' + 1)
-          _split(ops.concatenate([v, ops.cast(ones, dtype)], axis=-1), blocks, rows),  # (blocks, B, rows, C + 1)
+    xs = (_split(ops.cast(k, stat), blocks, rows),  # (blocks, B, rows, C')
+          _split(v, blocks, rows),  # (blocks, B, rows, C)
           _split(k, blocks, rows))
 
     def step(dq, x):
-        ka, va, kb = x
-        p = ops.exp(ops.einsum("bnc,bjc->bnj", qa, ka))  # (B, N, rows)
+        ks, vb, kb = x
+        p = ops.exp(ops.minimum(ops.einsum("bnc,bjc->bnj", qs, ks) - lse, 0.0))  # P_j (B, N, rows)
         dv = ops.einsum("bnj,bnc->bjc", ops.cast(p, dtype), dout)  # P^T dO
-        ds = ops.cast(p * ops.cast(ops.einsum("bnc,bjc->bnj", doa, va), stat), dtype)  # P (dO V^T - delta)
+        ds = ops.cast(p * (ops.cast(ops.einsum("bnc,bjc->bnj", dout, vb), stat) - delta), dtype)  # P (dO V^T - delta)
         dk = ops.einsum("bnj,bnc->bjc", ds, q)  # dS^T Q
         return dq + ops.cast(ops.einsum("bnj,bjc->bnc", ds, kb), stat), (dk, dv)  # dQ += dS K
 

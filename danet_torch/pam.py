@@ -24,9 +24,13 @@ it; :class:`~danet_torch.PositionAttention` takes ``pam_path=``:
     and its own backward: in half precision V is split into heads that
     share q and k (:func:`position_attention_kernel`: cuDNN's kernel takes
     heads of 256 columns beside q/k's 64, flash kernels one head size);
-    float32 runs the memory-efficient kernel in one head. On a GPU the
+    float32 runs the memory-efficient kernel in one head when differentiated.
+  - CUDA, float32 inference: blocks of queries whose product with V is
+    split along the keys (:func:`position_attention_split_k`). Unsplit, the
     blocks' long reductions (``P V`` over all ``N`` keys for a few hundred
-    queries) leave most of the chip idle (docs/BENCHMARKS.md).
+    queries) leave most of the chip idle; split, they run cuBLAS' float32
+    products as the official path does, in less time and memory than the
+    memory-efficient kernel (docs/BENCHMARKS.md).
 
 * ``"auto"`` (the default) is resolved once, when a layer is built
   (:func:`resolve_path`, as timm's ``use_fused_attn()``): ``"efficient"``,

@@ -99,6 +99,21 @@ def test_half_precision_blocks_against_float64(dtype, rng):
         check(f"half blocks {dtype} {name}", g, e, dtype, "grad")
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_blocks_gradients_with_energies_far_below_zero(dtype, rng):
+    """Every energy near -1000, so ``exp(-lse)`` overflows even float64: the keys appended to fill the last
+    block must add nothing, not inf or NaN. Values and gradients against the official path."""
+    q = (16.0 + 0.1 * rng.standard_normal((2, 45, 4))).astype(dtype)
+    k = (-16.0 + 0.1 * rng.standard_normal((2, 45, 4))).astype(dtype)
+    v, weight = (rng.standard_normal((2, 45, 12)).astype(dtype) for _ in range(2))
+    with _dtype_enabled(dtype):
+        official = _core_grads(pam.position_attention_official, q, k, v, weight)
+        blocks = _core_grads(lambda *t: pam.position_attention_blocks(*t, rows=16), q, k, v, weight)
+    for name, got, expected in zip(("output", "dq", "dk", "dv"), blocks, official):
+        assert np.isfinite(got).all(), name
+        check(f"blocks, energies near -200, {name}", got, expected, dtype, "layer" if name == "output" else "grad")
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="eager JAX compiles; the blocks are compiled whole there")
 def test_eager_jax_blocks_compile_once_per_shape(rng):
     """Called eagerly, the blocks run as one compiled function per shape (a repeat compiles nothing)."""

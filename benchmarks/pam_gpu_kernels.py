@@ -188,7 +188,7 @@ def _torch_float32(args, inputs, report, heads) -> None:
         times = {config: report(f"blocks of {config[0]} queries, keys in {config[1]} runs (split products)",
                                 lambda config=config: pam.position_attention_split_k(q, k, v, *config))
                  for config in SPLIT_K_CONFIGS}
-        print(f"\nfastest torch float32 split products (rows, splits): {min(times, key=times.get)}\n")
+        fastest = [f"fastest torch float32 split products (rows, splits): {min(times, key=times.get)}"]
         tokens = [t.transpose(1, 2).cpu().numpy() for t in (q, k, v)]
         expected = _float64_rows(*tokens)
         for name, fn in (("official", pam.position_attention_official),
@@ -198,12 +198,13 @@ def _torch_float32(args, inputs, report, heads) -> None:
         report("danet_torch efficient path", lambda: pam.position_attention_efficient(q, k, v))
         if triton_kernel.triton is None:
             print("| Triton kernel | not run: Triton is not installed | |")
+            print("\n" + "\n".join(fastest))
             return
         times = {tiles: report(f"Triton kernel, tf32x3, tiles {tiles}",
                                lambda tiles=tiles: triton_kernel.position_attention_forward(q, k, v, tiles))
                  for tiles in FLOAT32_TILES}
         best = min(times, key=times.get)
-        print(f"\nfastest torch float32 tiles: {best}\n")
+        fastest.append(f"fastest torch float32 tiles: {best}")
         kt = k.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, C' contiguous
         report(f"Triton kernel, tf32x3, tiles {best}, k stored (B, N, C')",
                lambda: triton_kernel.position_attention_forward(q, kt, v, best))
@@ -211,6 +212,7 @@ def _torch_float32(args, inputs, report, heads) -> None:
                lambda: triton_kernel.position_attention_forward(q, k, v, best, precision="ieee"))
         error = _max_error(triton_kernel.position_attention_forward(q, k, v).transpose(1, 2).cpu().numpy(), expected)
         print(f"| Triton kernel: largest error against float64, {2 * len(_rows())} rows | {error} | |")
+        print("\n" + "\n".join(fastest))
 
 
 def _jax(args) -> None:

@@ -16,9 +16,9 @@ JAX; one TF32 product's 10-bit mantissa is outside the parity tolerances.
 
 On one H100 at 181 x 181, B = 2, C = 512 it takes 167 ms (124 ms with k
 stored ``(B, N, C')``) with 128 MiB, against 58.5 ms for the official
-``bmm`` + softmax and 83 ms (288 MiB) for the memory-efficient kernel that
-``danet_torch`` ran for inference then (it now runs split cuBLAS products:
-67 against 55 ms on an H200, docs/BENCHMARKS.md): ``pam_gpu_kernels.py``
+``bmm`` + softmax and 83 ms (288 MiB) for the memory-efficient kernel
+(``danet_torch``'s float32 inference runs split cuBLAS products instead:
+67 against 55 ms on an H200, docs/BENCHMARKS.md). ``pam_gpu_kernels.py``
 times it.
 """
 

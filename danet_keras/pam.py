@@ -247,12 +247,11 @@ def _blocks_backward(q, k, v, out, lse, dout, rows):
     K and V, whose ``dK``/``dV`` rows are dropped and whose ``dS K`` is 0),
     where ``-lse`` alone could overflow.
 
-    ``-lse`` and ``-rowsum(dO * O)`` are subtracted from the products, not
-    carried as an extra column of Q and dO against a column of ones in K and
-    V (one product each instead of a product and a subtraction): with
-    float16/bfloat16 inputs that concatenation made XLA's GPU compiler fail
-    (jax 0.11, "Reshape input and output shapes must be the same") when N
-    fits one block.
+    ``-lse`` and ``-rowsum(dO * O)`` are subtracted from the products. They
+    could ride in the products as an extra column of Q and dO against a
+    column of ones in K and V, but with float16/bfloat16 inputs that
+    concatenation made XLA's GPU compiler fail (jax 0.11, "Reshape input and
+    output shapes must be the same") when N fits one block.
     """
     b, n = _sizes(q)
     stat, dtype = backend_result_type(q.dtype), q.dtype

@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ._checks import check_positive_int
+
 __all__ = [
     "PAM_PATHS",
     "BLOCK_ELEMENTS",
@@ -225,12 +227,26 @@ def position_attention_blocks(q, k, v, rows: int | None = None) -> torch.Tensor:
     return _PositionAttentionBlocks.apply(q, k, v, max(1, min(int(rows), q.shape[-1])))
 
 
-# float32 inference on CUDA (position_attention_split_k): queries per block, and the keys of each
-# block's product with V split into this many batched products (docs/BENCHMARKS.md's sweep).
-SPLIT_K_ROWS, SPLIT_K = 256, 32
+# float32 inference on CUDA (position_attention_split_k): energies per block, B * rows * N (64 MiB in
+# float32: 256 rows at 181 x 181, B = 2), the most runs the keys of a block's product with V are split
+# into, and the fewest keys per run (a shorter run fills no matrix tile: docs/BENCHMARKS.md's sweep).
+SPLIT_K_ELEMENTS, SPLIT_K, SPLIT_K_MIN_RUN = 1 << 24, 32, 128
 
 
-def position_attention_split_k(q, k, v, rows: int = SPLIT_K_ROWS, splits: int = SPLIT_K) -> torch.Tensor:
+def _differentiated(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _split_k_check(q, k, v) -> None:
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[0] != q.shape[0] or v.shape[2] != q.shape[2]:
+        raise ValueError("position_attention_split_k takes q, k (B, C', N) and v (B, C, N) of one B and N, got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
+    if _differentiated(q, k, v):
+        raise RuntimeError("position_attention_split_k computes no gradients: call it under torch.no_grad() or "
+                           "torch.inference_mode() (an input requires grad).")
+
+
+def position_attention_split_k(q, k, v, rows: int | None = None, splits: int | None = None) -> torch.Tensor:
     """The official function over blocks of ``rows`` queries, for inference (no autograd).
 
     Each block is the official computation on ``rows`` queries: energies
@@ -239,20 +255,27 @@ def position_attention_split_k(q, k, v, rows: int = SPLIT_K_ROWS, splits: int = 
     GPU (a few output tiles, each with all ``N`` keys to sum), so the keys
     are cut into ``splits`` runs, one batched product with a tile per run,
     and the runs' partial sums are added. The values are read in place
-    (strided views: no copy of V). Same products and softmax as the
-    official path, summed in another order; memory: the output, one block's
-    energies and ``splits`` partial outputs.
+    (strided views, one image at a time: the image and run strides do not
+    merge into one batch stride without a copy of V). Same products and
+    softmax as the official path, summed in another order; memory: the
+    output, one block's energies and ``splits`` partial outputs.
 
     Args:
         q, k: ``(B, C', N)``. v: ``(B, C, N)``; one floating dtype.
-        rows: Queries per block. splits: Runs of keys per product.
+        rows: Queries per block (default: ``B * rows * N <= SPLIT_K_ELEMENTS``).
+        splits: Runs of keys per product (default: :data:`SPLIT_K`, fewer
+            where runs would be shorter than :data:`SPLIT_K_MIN_RUN` keys).
+            Both are capped at ``N``.
 
     Returns:
         ``(B, C, N)``, a view of a ``(B, N, C)`` tensor.
     """
+    _split_k_check(q, k, v)
     b, _, n = q.shape
     c = v.shape[1]
-    rows, splits = max(1, min(int(rows), n)), max(1, min(int(splits), n))
+    rows = (max(1, SPLIT_K_ELEMENTS // max(1, b * n)) if rows is None else check_positive_int("rows", rows))
+    splits = (max(1, min(SPLIT_K, n // SPLIT_K_MIN_RUN)) if splits is None else check_positive_int("splits", splits))
+    rows, splits = min(rows, max(1, n)), min(splits, max(1, n))
     run = n // splits  # keys per run; the last n - splits * run keys go in one more product
     split = run * splits
     qt, vt = q.transpose(1, 2), v.transpose(1, 2)  # (B, N, C'), (B, N, C): views
@@ -320,10 +343,6 @@ def position_attention_kernel(q, k, v) -> torch.Tensor:
     else:
         out = _sdpa_heads(q, k, v, c)
     return out.transpose(1, 2)
-
-
-def _differentiated(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def position_attention_efficient(q, k, v) -> torch.Tensor:

@@ -173,7 +173,7 @@ def test_danet50_attention_maps_match_reference():
 
 
 @pytest.mark.gpu
-def test_rows_on_cuda_under_autocast_and_on_the_sdpa_path(monkeypatch):
+def test_rows_on_cuda_under_autocast_and_on_the_cuda_paths(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     pam = randomize_(dt.PositionAttention(64, pam_path="efficient"), seed=4).eval()
@@ -189,4 +189,8 @@ def test_rows_on_cuda_under_autocast_and_on_the_sdpa_path(monkeypatch):
     with torch.no_grad():
         attention = pam.attention_rows(x, every).reshape(2, 33 * 35, 33 * 35)
         rebuilt = pam.gamma * torch.bmm(pam.value_conv(x).flatten(2), attention.transpose(1, 2)).reshape(x.shape) + x
-        check("PAM (CUDA efficient path: the attention kernel) from its rows", to_numpy(rebuilt), to_numpy(pam(x)))
+        check("PAM (CUDA float32 inference: split products) from its rows", to_numpy(rebuilt), to_numpy(pam(x)))
+        with torch.autocast("cuda", dtype=torch.float16):
+            half = pam(x)  # the attention kernel
+        check("PAM (CUDA float16: the attention kernel) from its rows", to_numpy(rebuilt), to_numpy(half.float()),
+              "float16")

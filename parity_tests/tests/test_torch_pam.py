@@ -81,6 +81,30 @@ def test_blocks_half_precision_against_float64(dtype):
 SPLITS = [(63, 64, 1), (63, 10, 4), (45 * 45, 256, 32), (64, 16, 8), (7, 3, 9)]
 
 
+def test_split_k_defaults_against_float64(monkeypatch):
+    """Default rows (from ``SPLIT_K_ELEMENTS``: here 50 queries a block) and runs (N = 300: 2 runs of 150 keys)."""
+    monkeypatch.setattr(pam, "SPLIT_K_ELEMENTS", 2 * 50 * 300)
+    q, k, v = _qkv(2, 4, 12, 300, torch.float32)
+    with torch.no_grad():
+        got = pam.position_attention_split_k(q, k, v)
+    _check("split-K defaults", got, _core_float64(q, k, v), torch.float32)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"v": (3, 12, 45)}, ValueError, r"one B and N, got q \(2, 4, 45\), k \(2, 4, 45\), v \(3, 12, 45\)"),
+    ({"v": (2, 12, 46)}, ValueError, r"v \(2, 12, 46\)"),
+    ({"rows": 0}, ValueError, r"`rows` must be an int >= 1, got 0"),
+    ({"splits": 2.5}, ValueError, r"`splits` must be an int >= 1, got 2.5"),
+    ({"requires_grad": True}, RuntimeError, r"computes no gradients: call it under torch.no_grad\(\)"),
+])
+def test_split_k_refuses_what_it_cannot_compute(kwargs, error, match):
+    q, k, v = _qkv(2, 4, 12, 45, torch.float32, requires_grad=kwargs.pop("requires_grad", False))
+    if "v" in kwargs:
+        v = torch.randn(*kwargs.pop("v"))
+    with pytest.raises(error, match=match):
+        pam.position_attention_split_k(q, k, v, **kwargs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n, rows, splits", SPLITS)
 def test_split_k_against_float64(n, rows, splits, dtype):
@@ -258,15 +282,20 @@ def test_cuda_float32_inference_runs_split_k(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("train", [True, False], ids=["fwd+bwd", "inference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_efficient_path_never_builds_the_n_by_n_matrix(dtype):
+def test_cuda_efficient_path_never_builds_the_n_by_n_matrix(dtype, train):
     n = 181 * 181
-    q, k, v = (t.cuda().requires_grad_(True) for t in _qkv(2, 64, 512, n, dtype))
+    q, k, v = (t.cuda().requires_grad_(train) for t in _qkv(2, 64, 512, n, dtype))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
-    y = pam.position_attention_efficient(q, k, v)
-    (y.float() * y.float()).sum().backward()
+    if train:
+        y = pam.position_attention_efficient(q, k, v)
+        (y.float() * y.float()).sum().backward()
+    else:
+        with torch.no_grad():
+            y = pam.position_attention_efficient(q, k, v)
     torch.cuda.synchronize()
     attention_bytes = 2 * n * n * torch.finfo(dtype).bits // 8
     assert torch.cuda.max_memory_allocated() - start < attention_bytes // 4

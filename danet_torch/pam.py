@@ -56,6 +56,9 @@ from ._checks import check_positive_int
 __all__ = [
     "PAM_PATHS",
     "BLOCK_ELEMENTS",
+    "SPLIT_K_ELEMENTS",
+    "SPLIT_K",
+    "SPLIT_K_MIN_RUN",
     "resolve_path",
     "check_path",
     "block_rows",

@@ -30,6 +30,8 @@ __all__ = [
     "batch_norm",
     "relu",
     "position_attention",
+    "position_attention_core",
+    "position_attention_core_grads",
     "channel_attention",
     "channel_attention_plain_softmax",
     "conv_bn_relu",
@@ -118,6 +120,16 @@ def position_attention_core(q, k, v):
     """PAM's attention on tokens, float64: ``softmax(Q K^T) V`` for ``(B, N, C'), (B, N, C'), (B, N, C)``."""
     energy = np.einsum("bnc,bmc->bnm", _f64(q), _f64(k))  # no 1/sqrt(d): the official PAM
     return np.einsum("bnm,bmc->bnc", softmax(energy, axis=-1), _f64(v))
+
+
+def position_attention_core_grads(q, k, v, weight):
+    """``(dq, dk, dv)`` of ``sum(position_attention_core(q, k, v) * weight)``, float64, by the chain rule:
+    ``dV = P^T W``, ``dS = P * (W V^T - rowsum(W V^T * P))``, ``dQ = dS K``, ``dK = dS^T Q``."""
+    q, k, v, weight = (_f64(t) for t in (q, k, v, weight))
+    p = softmax(np.einsum("bnc,bmc->bnm", q, k), axis=-1)
+    dp = np.einsum("bnc,bmc->bnm", weight, v)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+    return np.einsum("bnm,bmc->bnc", ds, k), np.einsum("bnm,bnc->bmc", ds, q), np.einsum("bnm,bnc->bmc", p, weight)
 
 
 def channel_attention(x, gamma):

@@ -77,6 +77,17 @@ def test_blocks_half_precision_against_float64(dtype):
         _check(f"blocks {dtype} {name}", g, e, dtype, scope="grad")
 
 
+def test_numpy_reference_gradients_equal_torch_autograd():
+    """The float64 NumPy gradients (``reference.position_attention_core_grads``, the chain rule written out)
+    against torch autograd through the official path, itself float64."""
+    q, k, v = _qkv(2, 4, 12, 45, torch.float64, requires_grad=True)
+    weight = torch.randn(2, 12, 45, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = _value_and_grads(pam.position_attention_official, (q, k, v), weight)[1:]
+    tokens = [to_numpy(t.detach()).transpose(0, 2, 1) for t in (q, k, v, weight)]
+    for name, got, want in zip(("dq", "dk", "dv"), ref.position_attention_core_grads(*tokens), expected):
+        _check(f"NumPy reference {name}", got.transpose(0, 2, 1), want, torch.float64, scope="grad")
+
+
 # (N, rows, splits): one block, runs with a remainder, N a square with a partial last block, splits > N.
 SPLITS = [(63, 64, 1), (63, 10, 4), (45 * 45, 256, 32), (64, 16, 8), (7, 3, 9)]
 

@@ -260,11 +260,11 @@ def _blocks_backward(q, k, v, out, lse, dout, rows):
     qs = ops.cast(q, stat)
     blocks = (n + rows - 1) // rows
     xs = (_split(ops.cast(k, stat), blocks, rows),  # (blocks, B, rows, C')
-          _split(v, blocks, rows),  # (blocks, B, rows, C)
-          _split(k, blocks, rows))
+          _split(v, blocks, rows))  # (blocks, B, rows, C)
 
     def step(dq, x):
-        ks, vb, kb = x
+        ks, vb = x
+        kb = ops.cast(ks, dtype)  # k's own values (the float32 copy of a half k is exact)
         p = ops.exp(ops.minimum(ops.einsum("bnc,bjc->bnj", qs, ks) - lse, 0.0))  # P_j (B, N, rows)
         dv = ops.einsum("bnj,bnc->bjc", ops.cast(p, dtype), dout)  # P^T dO
         ds = ops.cast(p * (ops.cast(ops.einsum("bnc,bjc->bnj", dout, vb), stat) - delta), dtype)  # P (dO V^T - delta)

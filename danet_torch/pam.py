@@ -357,9 +357,9 @@ def position_attention_efficient(q, k, v) -> torch.Tensor:
     """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return position_attention_kernel(q, k, v)
-    if q.is_cuda and q.dtype == torch.float32 and k.dtype == v.dtype == q.dtype and not _differentiated(q, k, v):
-        return position_attention_split_k(q, k, v)
     if q.is_cuda and q.dtype == torch.float32:
+        if k.dtype == v.dtype == q.dtype and not _differentiated(q, k, v):
+            return position_attention_split_k(q, k, v)
         out = _try_sdpa(SDPBackend.EFFICIENT_ATTENTION, q, k, v, v.shape[1])
         if out is not None:
             return out.transpose(1, 2)

@@ -58,13 +58,16 @@ def _torch_case(args) -> dict:
         from danet_torch.pam import position_attention
 
         n = args.size * args.size
-        inputs = [torch.randn(args.batch, c, n, device=device, dtype=dtype, requires_grad=backward)
-                  for c in (args.channels // 8, args.channels // 8, args.channels)]
+        inputs = [(torch.randn(args.batch, c, n, device=device, dtype=dtype) * scale).requires_grad_(backward)
+                  for c, scale in ((args.channels // 8, args.qk_scale), (args.channels // 8, args.qk_scale),
+                                   (args.channels, 1.0))]
         call = lambda: position_attention(*inputs, path=args.path)  # noqa: E731
     else:
         pam = PositionAttention(args.channels, pam_path=args.path).to(device, dtype)
         with torch.no_grad():
             pam.gamma.fill_(1.0)
+            for conv in (pam.query_conv, pam.key_conv):
+                conv.weight.mul_(args.qk_scale)
         inputs = [torch.randn(args.batch, args.channels, args.size, args.size, device=device, dtype=dtype,
                               requires_grad=backward)] + list(pam.parameters())
         call = lambda: pam(inputs[0])  # noqa: E731
@@ -111,7 +114,13 @@ def _keras_step(layer, backward: bool):
             import tensorflow as tf
 
             return tf.function(lambda x: layer(x))
-        return lambda x: layer(x)
+        import torch
+
+        def torch_predict(x):  # as `predict` runs it: without autograd recording (its variables need gradients)
+            with torch.no_grad():
+                return layer(x)
+
+        return torch_predict
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -199,13 +208,16 @@ def _keras_case(args) -> dict:
     rng = np.random.default_rng(0)
     if args.part == "core":  # q, k, v given: (B, N, C/8), (B, N, C/8), (B, N, C)
         n = args.size * args.size
-        x = [keras.ops.convert_to_tensor(rng.standard_normal((args.batch, n, c)), dtype=args.dtype)
-             for c in (args.channels // 8, args.channels // 8, args.channels)]
+        x = [keras.ops.convert_to_tensor(rng.standard_normal((args.batch, n, c)) * scale, dtype=args.dtype)
+             for c, scale in ((args.channels // 8, args.qk_scale), (args.channels // 8, args.qk_scale),
+                              (args.channels, 1.0))]
         step = _keras_core_step(args.path, args.mode == "fwd+bwd")
     else:
         pam = PositionAttention(pam_path=args.path)
         pam.build((None, None, None, args.channels))
         pam.gamma.assign(np.ones((1,), "float32"))
+        for conv in (pam.query_conv, pam.key_conv):
+            conv.kernel.assign(conv.kernel * args.qk_scale)
         x = keras.ops.convert_to_tensor(rng.standard_normal((args.batch, args.size, args.size, args.channels)),
                                         dtype=args.dtype)
         step = _keras_step(pam, args.mode == "fwd+bwd")
@@ -238,6 +250,9 @@ def main(argv=None) -> int:
                         "q, k, v given")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per path (medians reported)")
     p.add_argument("--calls", type=int, default=2, help="timed calls per process (median)")
+    p.add_argument("--qk-scale", type=float, default=1.0,
+                   help="multiply the query and key projections' weights (core: q and k) by this: energies "
+                        "spread wider, as trained weights or Keras' default initialisation spread them")
     p.add_argument("--block-elements", type=int, default=None,
                    help="override BLOCK_ELEMENTS (attention elements per block) of the efficient path")
     p.add_argument("--json", default=None)
@@ -256,7 +271,7 @@ def main(argv=None) -> int:
         return 0
     rows, versions = [], ""
     common = ["--framework", args.framework, "--device", args.device, "--batch", str(args.batch), "--part", args.part,
-              "--channels", str(args.channels), "--calls", str(args.calls)]
+              "--channels", str(args.channels), "--calls", str(args.calls), "--qk-scale", str(args.qk_scale)]
     if args.block_elements:
         common += ["--block-elements", str(args.block_elements)]
     for size in args.sizes:
@@ -270,7 +285,9 @@ def main(argv=None) -> int:
                              "efficient_mib": e["peak_mib"], "time_ratio": e["ms"] / o["ms"],
                              "memory_ratio": e["peak_mib"] / o["peak_mib"] if o["peak_mib"] else float("nan"),
                              "error": o["error"] or e["error"]})
-    print(f"{args.framework}, {args.device}, {args.part}, B={args.batch}, C={args.channels}, {versions}; {machine()}; "
+    scaled = f", q/k x {args.qk_scale:g}" if args.qk_scale != 1 else ""
+    print(f"{args.framework}, {args.device}, {args.part}, B={args.batch}, C={args.channels}{scaled}, {versions}; "
+          f"{machine()}; "
           f"{processes(args.repeats)} per path, {args.calls} timed calls each")
     print()
     print("| H x W | N | dtype | pass | official ms | official MiB | efficient ms | efficient MiB "

@@ -17,6 +17,11 @@ import torch
 
 __all__ = ["position_attention_blocks_torch"]
 
+# On the CPU exp's argument is floored as in danet_torch.pam (the same value and rule): below about -87.3
+# float32's exp is subnormal or 0, which CPUs compute (and multiply) tens of times slower; a term under
+# exp(-50) = 2e-22 of the row's largest moves nothing float64 can show.
+EXP_FLOOR = -50.0
+
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -30,6 +35,14 @@ def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.bmm(a, b))
 
 
+def _exp_floor(*factors: torch.Tensor) -> float:
+    """:data:`EXP_FLOOR` on the CPU, unless a tensor that the attention multiplies holds an inf or NaN
+    (there a floored term, unlike a zero one, gives inf for NaN); else no floor."""
+    if factors[0].device.type == "cpu" and all(bool(torch.isfinite(t).all()) for t in factors):
+        return EXP_FLOOR
+    return float("-inf")
+
+
 def _forward(q, k, v, rows: int):
     """``(out (B, N, C), lse (B, N, 1))``: q, k ``(B, N, C')``, v ``(B, N, C)``, blocks of ``rows`` queries."""
     b, n, _ = q.shape
@@ -38,11 +51,12 @@ def _forward(q, k, v, rows: int):
     out = v.new_empty(b, n, v.shape[-1])
     lse = torch.empty(b, n, 1, dtype=stat, device=q.device)
     buffer = torch.empty(b * rows * n, dtype=stat, device=q.device)
+    floor = _exp_floor(v)
     for start in range(0, n, rows):
         r = min(rows, n - start)
         e = torch.bmm(qs[:, start:start + r], kts, out=buffer[: b * r * n].view(b, r, n))  # (B, r, N)
         top = e.amax(dim=-1, keepdim=True)
-        p = e.sub_(top).exp_()  # unnormalised probabilities, in place
+        p = e.sub_(top).clamp_min_(floor).exp_()  # unnormalised probabilities, in place
         total = p.sum(dim=-1, keepdim=True)
         blk = out[:, start:start + r]
         if blk.dtype == stat:  # normalise (r, C) after the product, not (r, N) before it
@@ -64,9 +78,11 @@ def _backward(q, k, v, out, lse, dout, rows: int):
     dq = torch.zeros(b, n, ck, dtype=stat, device=q.device)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     buffers = [torch.empty(b * n * rows, dtype=stat, device=q.device) for _ in range(2)]  # P, dS
+    floor = _exp_floor(v, dout)
     for start in range(0, n, rows):
         r = min(rows, n - start)
-        p = torch.baddbmm(-lse, qs, kts[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r)).exp_()
+        p = torch.baddbmm(-lse, qs, kts[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r))
+        p = p.clamp_min_(floor).exp_()
         torch.bmm(p.to(dtype).transpose(1, 2), dout, out=dv[:, start:start + r])  # dV_j = P_j^T dO
         vb = vt[:, :, start:start + r]  # (B, C, r)
         if dtype == stat:  # dS_j = P_j * (dO V_j^T - delta), in place

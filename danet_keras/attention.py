@@ -38,6 +38,18 @@ def _tokens(x, data_format):
     return ops.reshape(x, (ops.shape(x)[0], n, x.shape[-1]))
 
 
+def _pointwise(conv, tokens):
+    """A 1 x 1 convolution on ``(B, N, C)`` tokens, as the product it is: ``tokens @ kernel + bias``.
+
+    Keras' torch backend runs a channels-last convolution between copies to
+    and from channels-first, and keeps its channels-first copy of the input
+    for the backward pass; on tokens the product needs neither.
+    """
+    kernel = ops.reshape(conv.kernel, conv.kernel.shape[2:])  # (1, 1, C, O) -> (C, O)
+    y = ops.einsum("bnc,co->bno", tokens, ops.cast(kernel, tokens.dtype))  # einsum: float64 stays float64
+    return y + ops.cast(conv.bias, y.dtype)
+
+
 def _untokens(t, like, data_format):
     """``(B, N, C)`` -> the layout and shape of ``like``."""
     if data_format == "channels_first":
@@ -118,9 +130,8 @@ class PositionAttention(_Attention):
 
     def call(self, inputs):
         check_inputs(type(self).__name__, inputs, self.data_format, self.in_channels)
-        q = _tokens(self.query_conv(inputs), self.data_format)
-        k = _tokens(self.key_conv(inputs), self.data_format)
-        v = _tokens(self.value_conv(inputs), self.data_format)
+        x = _tokens(inputs, self.data_format)
+        q, k, v = (_pointwise(conv, x) for conv in (self.query_conv, self.key_conv, self.value_conv))
         if self.resolved_pam_path == "official":
             out = position_attention_official(q, k, v)
         else:

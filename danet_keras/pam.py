@@ -21,9 +21,13 @@
     sum are float32; the products with V and dO run in the input dtype.
     TensorFlow and JAX: one ``keras.ops`` implementation under
     ``keras.ops.custom_gradient``, the blocks in a ``scan`` (one block live
-    at a time, XLA and TensorFlow graphs included). Keras' torch backend:
-    a ``torch.autograd.Function`` with the same math that reuses its
-    buffers in place (``_pam_torch``), as ``keras.ops`` cannot.
+    at a time, XLA and TensorFlow graphs included); on TensorFlow, in
+    float32/float64, the backward pass's ``-lse`` rides in a product as an
+    extra column (:func:`_folds`: TensorFlow runs every elementwise operation
+    as a pass of its own over the tile). Keras' torch backend: a
+    ``torch.autograd.Function`` with the same math that reuses its buffers
+    in place (``_pam_torch``), as ``keras.ops`` cannot, and on the CPU keeps
+    exp's argument above ``-50`` (subnormal numbers, as ``danet_torch``).
   - float16/bfloat16 on a GPU, torch backend:
     ``keras.ops.dot_product_attention(scale=1)`` with V split into heads of
     q/k's width that share q and k (flash/cuDNN kernels need one head size).
@@ -134,6 +138,23 @@ def block_rows(batch, n):
     return ops.maximum(1, ops.minimum(n, BLOCK_ELEMENTS // ops.maximum(1, batch * n)))
 
 
+def _folds(dtype) -> bool:
+    """Whether the blocks' backward pass folds ``-lse`` into a product: on TensorFlow, float32/float64 inputs.
+
+    TensorFlow runs every elementwise operation as its own pass over a
+    ``(B, N, rows)`` tile; ``-lse`` carried as an extra column of the
+    queries against a column of ones in the keys
+    (``[Q, -lse] [K_j, 1]^T = Q K_j^T - lse``) costs the product one term
+    and saves two passes (the subtraction, and the ``min`` that guards the
+    appended keys). XLA (JAX) fuses those operations into one pass anyway,
+    and there, with float16/bfloat16 inputs, the concatenation made the GPU
+    compiler fail (jax 0.11, "Reshape input and output shapes must be the
+    same"), which is why half inputs never fold, also on TensorFlow (whose
+    ``jit_compile`` is XLA too).
+    """
+    return keras.backend.backend() == "tensorflow" and keras.backend.standardize_dtype(dtype) in ("float32", "float64")
+
+
 def _even_rows(rows, n):
     """At most ``rows`` rows per block over as few blocks as ``rows`` allows, spread evenly.
 
@@ -242,36 +263,42 @@ def _blocks_backward(q, k, v, out, lse, dout, rows):
 
     Blocks of keys make ``dV_j = P_j^T dO`` and ``dK_j = dS_j^T Q`` sums over
     all ``N`` queries (one large product each) and leave only the narrow
-    ``dQ`` (``C'`` columns) to accumulate. ``P_j = exp(min(Q K_j^T - lse, 0))``:
-    at most 1 also on the keys appended to fill the last block (zero rows of
-    K and V, whose ``dK``/``dV`` rows are dropped and whose ``dS K`` is 0),
-    where ``-lse`` alone could overflow.
+    ``dQ`` (``C'`` columns) to accumulate. ``P_j = exp(Q K_j^T - lse)``:
+    where ``-lse`` folds (:func:`_folds`), ``exp([Q, -lse] [K_j, 1]^T)``,
+    else ``exp(min(Q K_j^T - lse, 0))``. Both are 1 on the keys appended to
+    fill the last block (zero rows of K, of the ones and of V, whose
+    ``dK``/``dV`` rows are dropped and whose ``dS K`` is 0), where
+    ``Q K_j^T - lse`` alone could overflow.
 
-    ``-lse`` and ``-rowsum(dO * O)`` are subtracted from the products. They
-    could ride in the products as an extra column of Q and dO against a
-    column of ones in K and V, but with float16/bfloat16 inputs that
-    concatenation made XLA's GPU compiler fail (jax 0.11, "Reshape input and
-    output shapes must be the same") when N fits one block.
+    ``-rowsum(dO * O)`` is subtracted from the product ``dO V_j^T``: as an
+    extra column of ``dO`` against ones in V it would make that product 513
+    columns wide for 512 channels, which measured no faster on TensorFlow.
     """
     b, n = _sizes(q)
     stat, dtype = backend_result_type(q.dtype), q.dtype
     dout = ops.cast(dout, dtype)
     delta = ops.sum(ops.cast(dout, stat) * ops.cast(out, stat), axis=-1, keepdims=True)  # rowsum(dO * O)
-    qs = ops.cast(q, stat)
+    qs, ks = ops.cast(q, stat), ops.cast(k, stat)
+    fold = _folds(dtype)
+    if fold:
+        qs = ops.concatenate([qs, -lse], axis=-1)  # [Q, -lse] (B, N, C' + 1)
+        ks = ops.concatenate([ks, ops.ones_like(ks[..., :1])], axis=-1)  # [K, 1]
     blocks = (n + rows - 1) // rows
-    xs = (_split(ops.cast(k, stat), blocks, rows),  # (blocks, B, rows, C')
+    xs = (_split(ks, blocks, rows),  # (blocks, B, rows, C' (+ 1))
           _split(v, blocks, rows))  # (blocks, B, rows, C)
+    cq = q.shape[-1]
 
     def step(dq, x):
         ks, vb = x
-        kb = ops.cast(ks, dtype)  # k's own values (the float32 copy of a half k is exact)
-        p = ops.exp(ops.minimum(ops.einsum("bnc,bjc->bnj", qs, ks) - lse, 0.0))  # P_j (B, N, rows)
+        kb = ops.cast(ks[..., :cq], dtype)  # k's own values (the float32 copy of a half k is exact)
+        energy = ops.einsum("bnc,bjc->bnj", qs, ks)  # (B, N, rows): Q K_j^T, less lse where it folds
+        p = ops.exp(energy if fold else ops.minimum(energy - lse, 0.0))  # P_j
         dv = ops.einsum("bnj,bnc->bjc", ops.cast(p, dtype), dout)  # P^T dO
         ds = ops.cast(p * (ops.cast(ops.einsum("bnc,bjc->bnj", dout, vb), stat) - delta), dtype)  # P (dO V^T - delta)
         dk = ops.einsum("bnj,bnc->bjc", ds, q)  # dS^T Q
         return dq + ops.cast(ops.einsum("bnj,bjc->bnc", ds, kb), stat), (dk, dv)  # dQ += dS K
 
-    dq, (dk, dv) = _scan(step, ops.zeros((b, n, q.shape[-1]), stat), xs, (k.dtype, v.dtype))
+    dq, (dk, dv) = _scan(step, ops.zeros((b, n, cq), stat), xs, (k.dtype, v.dtype))
     return ops.cast(dq, q.dtype), _merge(dk, n), _merge(dv, n)
 
 

@@ -17,7 +17,9 @@ it; :class:`~danet_torch.PositionAttention` takes ``pam_path=``:
     ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK = dS^T Q``
     (flash attention's backward). A block has
     ``B * rows * N <= BLOCK_ELEMENTS`` attention elements; the forward pass
-    reuses one such buffer, the backward pass two (``P`` and ``dS``). In
+    reuses one such buffer, the backward pass two (``P`` and ``dS``). On the
+    CPU exp's argument stops at :data:`EXP_FLOOR`, as no float64 sum can
+    tell, so that no subnormal number reaches a product. In
     float16/bfloat16, energies, softmax statistics and the ``dQ`` sum are
     float32; the products with V and dO run in the input dtype.
   - CUDA, float16/bfloat16/float32: ``scaled_dot_product_attention(scale=1.0)``
@@ -56,6 +58,7 @@ from ._checks import check_positive_int
 __all__ = [
     "PAM_PATHS",
     "BLOCK_ELEMENTS",
+    "EXP_FLOOR",
     "SPLIT_K_ELEMENTS",
     "SPLIT_K",
     "SPLIT_K_MIN_RUN",
@@ -75,6 +78,11 @@ PAM_PATHS = ("auto", "official", "efficient")
 # Attention elements per block of queries or keys, B * rows * N (16 MiB in
 # float32); danet_keras.pam uses the same rule and value.
 BLOCK_ELEMENTS = 1 << 22
+# On the CPU the blocks' exp(E - max) and exp(E - lse) take no argument below EXP_FLOOR: a term under
+# exp(-50) = 2e-22 of the row's largest counts as exp(-50), which moves a row's sum by at most
+# N * 2e-22 of itself (float64 rounds at 1.1e-16). Below about -87.3 float32's exp is subnormal or 0,
+# and CPUs compute it, and multiply subnormal numbers, tens of times slower (docs/BENCHMARKS.md).
+EXP_FLOOR = -50.0
 
 
 def _env_path() -> str:
@@ -139,6 +147,14 @@ def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.bmm(a, b))
 
 
+def _exp_floor(*factors: torch.Tensor) -> float:
+    """The least argument the blocks give exp: :data:`EXP_FLOOR` on the CPU, unless a tensor that the
+    attention multiplies holds an inf or NaN (there a floored term, unlike a zero one, gives inf for NaN)."""
+    if factors[0].device.type == "cpu" and all(bool(torch.isfinite(t).all()) for t in factors):
+        return EXP_FLOOR
+    return float("-inf")
+
+
 def _blocks_forward(q, k, v, rows: int):
     """``(out (B, C, N), lse (B, N, 1))``; energies in float32 (float64 stays), one buffer reused."""
     b, _, n = q.shape
@@ -147,11 +163,12 @@ def _blocks_forward(q, k, v, rows: int):
     out = v.new_empty(b, n, v.shape[1])
     lse = torch.empty(b, n, 1, dtype=stat, device=q.device)
     buffer = torch.empty(b * rows * n, dtype=stat, device=q.device)
+    floor = _exp_floor(v)
     for start in range(0, n, rows):
         r = min(rows, n - start)
         e = torch.bmm(qt[:, start:start + r], ks, out=buffer[: b * r * n].view(b, r, n))  # (B, r, N)
         top = e.amax(dim=-1, keepdim=True)
-        p = e.sub_(top).exp_()  # unnormalised probabilities, in place
+        p = e.sub_(top).clamp_min_(floor).exp_()  # unnormalised probabilities, in place
         total = p.sum(dim=-1, keepdim=True)
         blk = out[:, start:start + r]
         if blk.dtype == stat:  # normalise (r, C) after the product, not (r, N) before it
@@ -179,9 +196,11 @@ def _blocks_backward(q, k, v, out, lse, dout, rows: int):
     dq = torch.zeros(b, n, ck, dtype=stat, device=q.device)
     dk, dv = k.new_empty(b, n, ck), v.new_empty(b, n, v.shape[1])
     buffers = [torch.empty(b * n * rows, dtype=stat, device=q.device) for _ in range(2)]  # P, dS
+    floor = _exp_floor(v, dot)
     for start in range(0, n, rows):
         r = min(rows, n - start)
-        p = torch.baddbmm(-lse, qs, ks[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r)).exp_()
+        p = torch.baddbmm(-lse, qs, ks[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r))
+        p = p.clamp_min_(floor).exp_()
         pm = p.to(dtype)  # P_j (B, N, r)
         torch.bmm(pm.transpose(1, 2), dot, out=dv[:, start:start + r])  # dV_j = P_j^T dO
         vb = v[:, :, start:start + r]  # (B, C, r)

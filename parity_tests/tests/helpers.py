@@ -11,7 +11,7 @@ import numpy as np
 
 from weights_convert.tolerances import compare, tolerance
 
-__all__ = ["check", "nhwc", "nchw", "to_numpy", "state_numpy", "resolve", "set_torch_weights", "pam_state_dict",
+__all__ = ["check", "nhwc", "nchw", "to_numpy", "subnormal_products", "state_numpy", "resolve", "set_torch_weights", "pam_state_dict",
            "dual_state_dict", "head_state_dict", "border_points", "check_segmentation", "RESNET_STAGES",
            "imagenet_resnet_state_dict", "reference_dilated_resnet", "PALETTE", "make_segmentation_folder"]
 
@@ -23,6 +23,37 @@ def check(name, actual, expected, dtype="float32", scope="layer"):
     """Assert ``actual`` equals ``expected`` within the table's ``(dtype, scope)`` tolerance."""
     result = compare(name, actual, expected, tolerance(dtype, scope))
     assert result.passed, result.message()
+
+
+def subnormal_products(run) -> tuple[int, int]:
+    """Run ``run()`` and count torch's matrix products: ``(all, those with a subnormal number in an operand)``.
+
+    CPUs multiply subnormal numbers tens of times slower than normal ones.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    products = {aten.bmm.default, aten.bmm.out, aten.baddbmm.default, aten.baddbmm.out, aten.baddbmm_.default,
+                aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm.out}
+    counts = [0, 0]
+
+    def subnormal(t):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            return False
+        a = t.detach().abs()
+        return bool(((a > 0) & (a < torch.finfo(t.dtype).tiny)).any())
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                counts[0] += 1
+                counts[1] += any(subnormal(t) for t in args)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        run()
+    return counts[0], counts[1]
 
 
 def nhwc(x):

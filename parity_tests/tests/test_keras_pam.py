@@ -21,7 +21,8 @@ import danet_keras as dk  # noqa: E402
 from danet_keras import pam  # noqa: E402
 from parity_tests import reference as ref  # noqa: E402
 from parity_tests.keras_grad import keras_loss_and_grads  # noqa: E402
-from parity_tests.tests.helpers import check, nchw, nhwc, pam_state_dict, set_torch_weights  # noqa: E402
+from parity_tests.tests.helpers import (  # noqa: E402
+    check, nchw, nhwc, pam_state_dict, set_torch_weights, subnormal_products)
 from weights_convert.tolerances import tolerance  # noqa: E402
 
 pytestmark = pytest.mark.keras
@@ -112,6 +113,31 @@ def test_blocks_gradients_with_energies_far_below_zero(dtype, rng):
     for name, got, want in zip(("output", "dq", "dk", "dv"), blocks, expected):
         assert np.isfinite(got).all(), name
         check(f"blocks, energies near -1000, {name}", got, want, dtype, "layer" if name == "output" else "grad")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_blocks_with_energies_spread_over_hundreds(dtype, rng):
+    """Energies spread over hundreds, as Keras' default initialisation gives the layer: most terms of a
+    float32 softmax row are subnormal or zero. Values and gradients against the float64 NumPy reference; on
+    Keras' torch backend no product has a subnormal operand (TensorFlow and XLA flush subnormal numbers to
+    zero themselves)."""
+    q, k = (6.0 * rng.standard_normal((2, 300, 4)) for _ in range(2))
+    v, weight = (rng.standard_normal((2, 300, 12)) for _ in range(2))
+    energies = np.einsum("bnc,bmc->bnm", q, k)
+    assert (energies - energies.max(-1, keepdims=True) < -87.4).mean() > 0.5  # float32's exp is subnormal there
+    q, k, v, weight = (t.astype(dtype) for t in (q, k, v, weight))
+    expected = [ref.position_attention_core(q, k, v), *ref.position_attention_core_grads(q, k, v, weight)]
+    got = []
+    with _dtype_enabled(dtype):
+        run = lambda: got.extend(_core_grads(  # noqa: E731
+            lambda *t: pam.position_attention_blocks(*t, rows=64), q, k, v, weight))
+        if BACKEND == "torch":
+            products, subnormal = subnormal_products(run)
+            assert products >= 4 * 5 and subnormal == 0  # 5 blocks: P V; P^T dO, dS^T Q, dS K
+        else:
+            run()
+    for name, g, e in zip(("output", "dq", "dk", "dv"), got, expected):
+        check(f"blocks, spread energies, {name}", g, e, dtype, "layer" if name == "output" else "grad")
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="eager JAX compiles; the blocks are compiled whole there")

@@ -14,7 +14,7 @@ import torch
 from danet_torch import DANet, DANetHead, DualAttention, PositionAttention, pam
 from danet_torch import attention as torch_attention
 from parity_tests import reference as ref
-from parity_tests.tests.helpers import state_numpy, to_numpy
+from parity_tests.tests.helpers import state_numpy, subnormal_products, to_numpy
 from weights_convert.testing import randomize_
 from weights_convert.tolerances import compare, tolerance
 
@@ -75,6 +75,29 @@ def test_blocks_half_precision_against_float64(dtype):
     _check(f"blocks {dtype} output", got[0], expected[0], dtype)
     for name, g, e in zip(("dq", "dk", "dv"), got[1:], expected[1:]):
         _check(f"blocks {dtype} {name}", g, e, dtype, scope="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blocks_with_energies_spread_over_hundreds(dtype):
+    """Energies spread over hundreds, as large weights give them: most terms of a float32 softmax row are
+    subnormal or zero. The blocks multiply no subnormal number (their exp's argument stops at
+    ``EXP_FLOOR``) and still equal the float64 NumPy reference, values and gradients."""
+    g = torch.Generator().manual_seed(3)
+    q, k = (6.0 * torch.randn(2, 4, 300, generator=g, dtype=torch.float64) for _ in range(2))
+    v, weight = (torch.randn(2, 12, 300, generator=g, dtype=torch.float64) for _ in range(2))
+    energies = torch.einsum("bcn,bcm->bnm", q, k)
+    spread = energies - energies.amax(-1, keepdim=True)
+    assert (spread < -87.4).double().mean() > 0.5  # float32's exp is subnormal below -87.3
+    q, k, v = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
+    got = []
+    products, subnormal = subnormal_products(
+        lambda: got.extend(_value_and_grads(lambda *t: pam.position_attention_blocks(*t, rows=64), (q, k, v), weight)))
+    assert products >= 4 * 5 and subnormal == 0  # 5 blocks: P V forward; P^T dO, dS^T Q, dS K backward
+    tokens = [to_numpy(t.detach()).transpose(0, 2, 1) for t in (q, k, v, weight)]
+    expected = [ref.position_attention_core(*tokens[:3]), *ref.position_attention_core_grads(*tokens)]
+    for name, g_, e in zip(("output", "dq", "dk", "dv"), got, expected):
+        _check(f"blocks, spread energies, {name}", g_, e.transpose(0, 2, 1), dtype,
+               scope="layer" if name == "output" else "grad")
 
 
 def test_numpy_reference_gradients_equal_torch_autograd():

@@ -35,12 +35,16 @@ def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.bmm(a, b))
 
 
-def _exp_floor(*factors: torch.Tensor) -> float:
+def _exp_floor(*factors: torch.Tensor) -> float | None:
     """:data:`EXP_FLOOR` on the CPU, unless a tensor that the attention multiplies holds an inf or NaN
-    (there a floored term, unlike a zero one, gives inf for NaN); else no floor."""
+    (there a floored term, unlike a zero one, gives inf for NaN); ``None`` (no floor) otherwise."""
     if factors[0].device.type == "cpu" and all(bool(torch.isfinite(t).all()) for t in factors):
         return EXP_FLOOR
-    return float("-inf")
+    return None
+
+
+def _floored(x: torch.Tensor, floor: float | None) -> torch.Tensor:
+    return x if floor is None else x.clamp_min_(floor)
 
 
 def _forward(q, k, v, rows: int):
@@ -56,7 +60,7 @@ def _forward(q, k, v, rows: int):
         r = min(rows, n - start)
         e = torch.bmm(qs[:, start:start + r], kts, out=buffer[: b * r * n].view(b, r, n))  # (B, r, N)
         top = e.amax(dim=-1, keepdim=True)
-        p = e.sub_(top).clamp_min_(floor).exp_()  # unnormalised probabilities, in place
+        p = _floored(e.sub_(top), floor).exp_()  # unnormalised probabilities, in place
         total = p.sum(dim=-1, keepdim=True)
         blk = out[:, start:start + r]
         if blk.dtype == stat:  # normalise (r, C) after the product, not (r, N) before it
@@ -82,7 +86,7 @@ def _backward(q, k, v, out, lse, dout, rows: int):
     for start in range(0, n, rows):
         r = min(rows, n - start)
         p = torch.baddbmm(-lse, qs, kts[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r))
-        p = p.clamp_min_(floor).exp_()
+        p = _floored(p, floor).exp_()
         torch.bmm(p.to(dtype).transpose(1, 2), dout, out=dv[:, start:start + r])  # dV_j = P_j^T dO
         vb = vt[:, :, start:start + r]  # (B, C, r)
         if dtype == stat:  # dS_j = P_j * (dO V_j^T - delta), in place

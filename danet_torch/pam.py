@@ -18,8 +18,8 @@ it; :class:`~danet_torch.PositionAttention` takes ``pam_path=``:
     (flash attention's backward). A block has
     ``B * rows * N <= BLOCK_ELEMENTS`` attention elements; the forward pass
     reuses one such buffer, the backward pass two (``P`` and ``dS``). On the
-    CPU exp's argument stops at :data:`EXP_FLOOR`, as no float64 sum can
-    tell, so that no subnormal number reaches a product. In
+    CPU exp's argument stops at :data:`EXP_FLOOR` (a change below float64's
+    rounding), so that no subnormal number reaches a product. In
     float16/bfloat16, energies, softmax statistics and the ``dQ`` sum are
     float32; the products with V and dO run in the input dtype.
   - CUDA, float16/bfloat16/float32: ``scaled_dot_product_attention(scale=1.0)``
@@ -147,12 +147,17 @@ def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.bmm(a, b))
 
 
-def _exp_floor(*factors: torch.Tensor) -> float:
+def _exp_floor(*factors: torch.Tensor) -> float | None:
     """The least argument the blocks give exp: :data:`EXP_FLOOR` on the CPU, unless a tensor that the
-    attention multiplies holds an inf or NaN (there a floored term, unlike a zero one, gives inf for NaN)."""
+    attention multiplies holds an inf or NaN (there a floored term, unlike a zero one, gives inf for NaN);
+    ``None`` (no floor) otherwise. GPUs multiply subnormal numbers at full speed."""
     if factors[0].device.type == "cpu" and all(bool(torch.isfinite(t).all()) for t in factors):
         return EXP_FLOOR
-    return float("-inf")
+    return None
+
+
+def _floored(x: torch.Tensor, floor: float | None) -> torch.Tensor:
+    return x if floor is None else x.clamp_min_(floor)
 
 
 def _blocks_forward(q, k, v, rows: int):
@@ -168,7 +173,7 @@ def _blocks_forward(q, k, v, rows: int):
         r = min(rows, n - start)
         e = torch.bmm(qt[:, start:start + r], ks, out=buffer[: b * r * n].view(b, r, n))  # (B, r, N)
         top = e.amax(dim=-1, keepdim=True)
-        p = e.sub_(top).clamp_min_(floor).exp_()  # unnormalised probabilities, in place
+        p = _floored(e.sub_(top), floor).exp_()  # unnormalised probabilities, in place
         total = p.sum(dim=-1, keepdim=True)
         blk = out[:, start:start + r]
         if blk.dtype == stat:  # normalise (r, C) after the product, not (r, N) before it
@@ -200,7 +205,7 @@ def _blocks_backward(q, k, v, out, lse, dout, rows: int):
     for start in range(0, n, rows):
         r = min(rows, n - start)
         p = torch.baddbmm(-lse, qs, ks[:, :, start:start + r], out=buffers[0][: b * n * r].view(b, n, r))
-        p = p.clamp_min_(floor).exp_()
+        p = _floored(p, floor).exp_()
         pm = p.to(dtype)  # P_j (B, N, r)
         torch.bmm(pm.transpose(1, 2), dot, out=dv[:, start:start + r])  # dV_j = P_j^T dO
         vb = v[:, :, start:start + r]  # (B, C, r)

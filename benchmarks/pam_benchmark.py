@@ -287,8 +287,7 @@ def main(argv=None) -> int:
                              "error": o["error"] or e["error"]})
     scaled = f", q/k x {args.qk_scale:g}" if args.qk_scale != 1 else ""
     print(f"{args.framework}, {args.device}, {args.part}, B={args.batch}, C={args.channels}{scaled}, {versions}; "
-          f"{machine()}; "
-          f"{processes(args.repeats)} per path, {args.calls} timed calls each")
+          f"{machine()}; {processes(args.repeats)} per path, {args.calls} timed calls each")
     print()
     print("| H x W | N | dtype | pass | official ms | official MiB | efficient ms | efficient MiB "
           "| time ratio | memory ratio |")

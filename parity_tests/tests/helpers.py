@@ -11,8 +11,8 @@ import numpy as np
 
 from weights_convert.tolerances import compare, tolerance
 
-__all__ = ["check", "nhwc", "nchw", "to_numpy", "subnormal_products", "state_numpy", "resolve", "set_torch_weights", "pam_state_dict",
-           "dual_state_dict", "head_state_dict", "border_points", "check_segmentation", "RESNET_STAGES",
+__all__ = ["check", "nhwc", "nchw", "to_numpy", "subnormal_products", "state_numpy", "resolve", "set_torch_weights",
+           "pam_state_dict", "dual_state_dict", "head_state_dict", "border_points", "check_segmentation", "RESNET_STAGES",
            "imagenet_resnet_state_dict", "reference_dilated_resnet", "PALETTE", "make_segmentation_folder"]
 
 BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance",

@@ -255,6 +255,8 @@ def main(argv=None) -> int:
                         "spread wider, as trained weights or Keras' default initialisation spread them")
     p.add_argument("--block-elements", type=int, default=None,
                    help="override BLOCK_ELEMENTS (attention elements per block) of the efficient path")
+    p.add_argument("--xla-blocks", nargs=2, type=int, default=None, metavar=("ELEMENTS", "SPLITS"),
+                   help="override danet_keras._pam_xla's ELEMENTS and SPLITS (Keras on JAX, float32 on a GPU)")
     p.add_argument("--json", default=None)
     p.add_argument("--one-case", nargs=4, metavar=("PATH", "SIZE", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -266,6 +268,10 @@ def main(argv=None) -> int:
 
             module = importlib.import_module("danet_keras.pam" if args.framework == "keras" else "danet_torch.pam")
             module.BLOCK_ELEMENTS = args.block_elements
+        if args.xla_blocks:
+            from danet_keras import _pam_xla
+
+            _pam_xla.ELEMENTS, _pam_xla.SPLITS = args.xla_blocks
         result = _keras_case(args) if args.framework == "keras" else _torch_case(args)
         print("RESULT " + json.dumps(result))
         return 0
@@ -274,6 +280,8 @@ def main(argv=None) -> int:
               "--channels", str(args.channels), "--calls", str(args.calls), "--qk-scale", str(args.qk_scale)]
     if args.block_elements:
         common += ["--block-elements", str(args.block_elements)]
+    if args.xla_blocks:
+        common += ["--xla-blocks", *map(str, args.xla_blocks)]
     for size in args.sizes:
         for dtype in args.dtypes:
             for mode in args.modes:

@@ -8,14 +8,18 @@ zero-padded to the heads' width, one head (the memory-efficient kernel), or
 a kernel of our own that splits V's columns over programs: the Pallas kernel
 on JAX (``danet_keras._pam_pallas``) and a Triton kernel for torch in float32
 (``pam_triton_float32.py``, not used by ``danet_torch``); and, in float32,
-cuBLAS' products over blocks of queries with the keys split into runs
-(``danet_torch.pam.position_attention_split_k``). This script times
-each on the same inputs, B = 2, C = 512, in one process (CUDA events in
-torch, wall clock after ``block_until_ready`` on JAX; the median of
-``--calls`` calls after two warm-ups) with the peak memory above the inputs
-(torch), over our kernels' tile sizes (the fastest printed), and checks the
-float32 candidates' first and last 256 queries against float64. TF32 is off
-throughout.
+products over blocks of queries with the keys split into runs: cuBLAS'
+(``danet_torch.pam.position_attention_split_k``), the same as three TF32
+products each (``pam_split_k_tf32x3.py``, not used), and XLA's with its dot
+algorithms (``danet_keras._pam_xla``). This script times each on the same
+inputs, B = 2, C = 512, in one process (CUDA events in torch, wall clock
+after ``block_until_ready`` on JAX; the median of ``--calls`` calls after
+two warm-ups) with the peak memory above the inputs (torch; on JAX, for
+XLA's blocks, the compiled program's temporaries and output), over our
+kernels' tile sizes (the fastest printed), and checks the float32
+candidates' first and last 256 queries against float64. TF32 is off
+throughout, but for the products that ask for it. ``--only`` runs the rows
+whose names match (and the official path's).
 
     python benchmarks/pam_gpu_kernels.py --framework torch --size 181
     python benchmarks/pam_gpu_kernels.py --framework jax --size 181
@@ -27,7 +31,9 @@ docs/BENCHMARKS.md rest on these figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import re
 import sys
 import time
 
@@ -43,6 +49,11 @@ FLOAT32_TILES = ((128, 64, 128, 8, 2), (128, 64, 128, 8, 3), (64, 64, 128, 4, 2)
 PALLAS_HALF_TILES = ((128, 64, 256, 8, 2), (64, 64, 256, 4, 2), (128, 64, 128, 8, 3), (128, 128, 256, 8, 2))
 # (rows, splits) tried for danet_torch.pam.position_attention_split_k (torch, float32 inference).
 SPLIT_K_CONFIGS = ((256, 32), (256, 16), (384, 16), (384, 32), (192, 32), (128, 32), (128, 64), (320, 24))
+# (rows, splits) tried for pam_split_k_tf32x3.py (torch, float32 inference; one image at a time).
+TF32X3_CONFIGS = ((256, 32), (128, 32), (512, 16), (256, 16))
+# (rows, splits, XLA's dot algorithm) tried for danet_keras._pam_xla (JAX, float32 inference).
+XLA_BLOCKS_CONFIGS = (*((rows, splits, "TF32_TF32_F32_X3") for rows in (256, 512, 1024) for splits in (1, 8, 32)),
+                      (256, 1, "BF16_BF16_F32_X6"), (512, 1, "BF16_BF16_F32_X6"), (256, 8, "BF16_BF16_F32_X6"))
 
 
 def _median_row(name: str, times: list, *extra: str) -> float:
@@ -57,6 +68,11 @@ def _refused_row(name: str, err: Exception, columns: int) -> float:
     reason = (str(err).splitlines() or [type(err).__name__])[0][:80]
     print("| " + " | ".join([name, f"refused: {reason}"] + [""] * (columns - 2)) + " |")
     return float("inf")
+
+
+def _selected(args, name: str) -> bool:
+    """Whether ``--only`` lets the row ``name`` run (the official path's rows always run)."""
+    return not args.only or name.startswith("official") or any(re.search(p, name) for p in args.only)
 
 
 def _rows():
@@ -74,6 +90,12 @@ def _float64_rows(q, k, v):
     s = q[:, _rows()] @ k.transpose(0, 2, 1)
     p = np.exp(s - s.max(-1, keepdims=True))
     return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def _jax_mib(jitted, *args, **static) -> float:
+    """MiB of XLA's temporary buffers and output for ``jitted(*args, **static)``, from its compiled program."""
+    stats = jitted.lower(*args, **static).compile().memory_analysis()
+    return (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20
 
 
 def _max_error(out, expected) -> str:
@@ -99,6 +121,8 @@ def _torch(args) -> None:
         return [torch.randn(2, c, n, device="cuda", generator=g).to(dtype) for c in (64, 64, 512)]
 
     def report(name, fn):
+        if not _selected(args, name):
+            return float("inf")
         try:
             for _ in range(2):
                 fn()
@@ -168,6 +192,7 @@ def _torch_float32(args, inputs, report, heads) -> None:
     import torch
     from torch.nn.attention import SDPBackend
 
+    import pam_split_k_tf32x3 as split_k_tf32x3
     import pam_triton_float32 as triton_kernel
 
     from danet_torch import pam
@@ -189,10 +214,18 @@ def _torch_float32(args, inputs, report, heads) -> None:
                                 lambda config=config: pam.position_attention_split_k(q, k, v, *config))
                  for config in SPLIT_K_CONFIGS}
         fastest = [f"fastest torch float32 split products (rows, splits): {min(times, key=times.get)}"]
+        for parts in ("explicit", "truncate", "nearest"):
+            for config in TF32X3_CONFIGS:
+                report(f"split products as three TF32 products, parts {parts}, {config[0]} queries, {config[1]} runs",
+                       lambda config=config, parts=parts: split_k_tf32x3.position_attention_forward(
+                           q, k, v, *config, parts=parts))
         tokens = [t.transpose(1, 2).cpu().numpy() for t in (q, k, v)]
         expected = _float64_rows(*tokens)
         for name, fn in (("official", pam.position_attention_official),
-                         ("split products", pam.position_attention_split_k)):
+                         ("split products", pam.position_attention_split_k),
+                         *((f"split products as three TF32 products, parts {parts}",
+                            functools.partial(split_k_tf32x3.position_attention_forward, parts=parts))
+                           for parts in ("explicit", "truncate", "nearest"))):
             error = _max_error(fn(q, k, v).transpose(1, 2).cpu().numpy(), expected)
             print(f"| {name}: largest error against float64, {2 * len(_rows())} rows | {error} | |")
         report("danet_torch efficient path", lambda: pam.position_attention_efficient(q, k, v))
@@ -210,8 +243,10 @@ def _torch_float32(args, inputs, report, heads) -> None:
                lambda: triton_kernel.position_attention_forward(q, kt, v, best))
         report(f"Triton kernel, ieee (CUDA cores), tiles {best}",
                lambda: triton_kernel.position_attention_forward(q, k, v, best, precision="ieee"))
-        error = _max_error(triton_kernel.position_attention_forward(q, k, v).transpose(1, 2).cpu().numpy(), expected)
-        print(f"| Triton kernel: largest error against float64, {2 * len(_rows())} rows | {error} | |")
+        if _selected(args, "Triton kernel"):
+            error = _max_error(triton_kernel.position_attention_forward(q, k, v).transpose(1, 2).cpu().numpy(),
+                               expected)
+            print(f"| Triton kernel: largest error against float64, {2 * len(_rows())} rows | {error} | |")
         print("\n" + "\n".join(fastest))
 
 
@@ -231,7 +266,9 @@ def _jax(args) -> None:
     rng = np.random.default_rng(0)
     data = [rng.standard_normal((2, n, c)).astype(np.float32) for c in (64, 64, 512)]
 
-    def report(name, fn, q, k, v):
+    def report(name, fn, q, k, v, *extra):
+        if not _selected(args, name):
+            return float("inf")
         try:
             for _ in range(2):
                 jax.block_until_ready(fn(q, k, v))
@@ -240,9 +277,9 @@ def _jax(args) -> None:
                 start = time.perf_counter()
                 jax.block_until_ready(fn(q, k, v))
                 times.append((time.perf_counter() - start) * 1e3)
-            return _median_row(name, times)
+            return _median_row(name, times, *extra)
         except Exception as err:  # noqa: BLE001 - a kernel that refuses the inputs or does not compile
-            return _refused_row(name, err, 2)
+            return _refused_row(name, err, 2 + len(extra))
 
     @jax.jit
     def official(q, k, v):
@@ -273,7 +310,7 @@ def _jax(args) -> None:
         times = {tiles: report(f"Pallas kernel, tiles {tiles}", pallas(tiles), *half) for tiles in PALLAS_HALF_TILES}
         print(f"\nfastest jax half tiles: {min(times, key=times.get)}\n")
     if "float32" in args.dtypes:
-        from danet_keras import pam
+        from danet_keras import _pam_xla, pam
 
         full = [jnp.asarray(t) for t in data]
         print(f"\nfloat32 forward, B = 2, {args.size} x {args.size}, C = 512\n")
@@ -283,8 +320,32 @@ def _jax(args) -> None:
         times = {tiles: report(f"Pallas kernel, TF32x3, tiles {tiles}", pallas(tiles), *full)
                  for tiles in FLOAT32_TILES}
         print(f"\nfastest jax float32 tiles: {min(times, key=times.get)}\n")
+        x3 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        report("matmul + softmax (N x N), products TF32_TF32_F32_X3", jax.jit(lambda q, k, v: jnp.einsum(
+            "bnm,bmc->bnc", jax.nn.softmax(jnp.einsum("bnc,bmc->bnm", q, k, precision=x3), -1), v, precision=x3)),
+            *full)
+        print("\nXLA's blocks (danet_keras._pam_xla), B * rows * N elements per block; MiB: XLA's temporary "
+              "buffers and the output\n\n| kernel | ms | MiB |\n|---|---|---|")
+        times = {}
+        for rows, splits, algorithm in XLA_BLOCKS_CONFIGS:
+            name = f"XLA's blocks of {rows} queries, keys in {splits} run{'s' * (splits > 1)}, products {algorithm}"
+            fn = functools.partial(_pam_xla.position_attention_forward, rows=rows, splits=splits, algorithm=algorithm)
+            try:
+                mib = _jax_mib(_pam_xla.position_attention_forward, *full, rows=rows, splits=splits,
+                               algorithm=algorithm)
+            except Exception:  # noqa: BLE001 - report() says why
+                mib = float("nan")
+            times[(rows, splits, algorithm)] = (report(name, fn, *full, f"{mib:.0f}"), mib)
+        within = {c: t for c, (t, mib) in times.items() if mib <= 256}
+        best = min(within or times, key=lambda c: times[c][0])
+        print(f"\nfastest jax float32 XLA blocks within 256 MiB (rows, splits, algorithm): {best}")
+        print(f"XLA_BLOCKS_ELEMENTS {2 * best[0] * n} {best[1]} {best[2]}\n")
         expected = _float64_rows(*data)
-        for name, fn in (("official", official), ("Pallas kernel", _pam_pallas.position_attention_forward)):
+        for name, fn in (("official", official), ("Pallas kernel", _pam_pallas.position_attention_forward),
+                         (f"XLA's blocks {best}", functools.partial(
+                             _pam_xla.position_attention_forward, rows=best[0], splits=best[1], algorithm=best[2]))):
+            if not _selected(args, name):
+                continue
             print(f"| {name}: largest error against float64, {2 * len(_rows())} rows | "
                   f"{_max_error(fn(*full), expected)} |")
 
@@ -295,6 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=181, help="H = W of the feature map")
     p.add_argument("--calls", type=int, default=8, help="timed calls per kernel (median)")
     p.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"])
+    p.add_argument("--only", nargs="+", default=None, metavar="REGEX",
+                   help="run only the rows whose names match one of these (and the official path's)")
     args = p.parse_args(argv)
     print(machine())
     if args.framework == "torch":

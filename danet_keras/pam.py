@@ -31,13 +31,15 @@
   - float16/bfloat16 on a GPU, torch backend:
     ``keras.ops.dot_product_attention(scale=1)`` with V split into heads of
     q/k's width that share q and k (flash/cuDNN kernels need one head size).
-  - JAX on a GPU (float16, bfloat16, float32): a forward pass that is not
-    differentiated runs one Pallas kernel (``_pam_pallas``: the energies
-    computed twice for 512 channels, not eight times; float32 products to
-    within rounding, as three TF32 products each; on the GPUs and widths its
-    tiles were checked on: compute capability 9.x/10.x, ``C' <= 64``);
-    differentiated, the blocks. Not ``keras.ops.dot_product_attention``:
-    where Keras 3.15 does not find cuDNN usable (with JAX 0.11 it does not)
+  - JAX on a GPU: a forward pass that is not differentiated runs, in
+    float32, blocks of queries whose products are XLA's, each as three TF32
+    products (``_pam_xla``: float32 to within rounding, faster than one
+    float32 product on the CUDA cores; GPUs with TF32, compute capability
+    8.0 on), and in float16/bfloat16 one Pallas kernel (``_pam_pallas``:
+    the energies computed twice for 512 channels, not eight times; on the
+    GPUs and widths its tiles were checked on: compute capability 9.x/10.x,
+    ``C' <= 64``); differentiated, the blocks. Not
+    ``keras.ops.dot_product_attention``: where Keras 3.15 does not find cuDNN usable (with JAX 0.11 it does not)
     it runs XLA's attention, which builds the ``N x N`` matrix of every head
     (its backward asks for 64 GiB at 181 x 181, B = 2, bfloat16); and
     ``jax.nn.dot_product_attention(implementation="cudnn")`` in heads did
@@ -394,9 +396,10 @@ def _gpu_available() -> bool:
 def position_attention_efficient(q, k, v):
     """The efficient path: on a GPU the kernels, else blocks.
 
-    JAX on a GPU: the Pallas kernel gives the value of a pass that is not
-    differentiated and the blocks give gradients (``_pam_pallas.available``
-    says where the kernel runs; elsewhere the blocks do both). Keras' torch
+    JAX on a GPU: XLA's float32 blocks (``_pam_xla.available``) or the
+    Pallas kernel (``_pam_pallas.available``) give the value of a pass that
+    is not differentiated and the blocks give gradients; elsewhere the
+    blocks do both. Keras' torch
     backend on a GPU in half precision: ``keras.ops.dot_product_attention``
     in heads.
 
@@ -408,8 +411,10 @@ def position_attention_efficient(q, k, v):
     """
     if _gpu_available():
         if keras.backend.backend() == "jax":
-            from . import _pam_pallas
+            from . import _pam_pallas, _pam_xla
 
+            if _pam_xla.available(q, v):  # float32: XLA's blocks' value, the blocks' gradients
+                return _pam_xla.position_attention(q, k, v, position_attention_blocks)
             if _pam_pallas.available(q, v):  # the kernel's value, the blocks' gradients
                 return _pam_pallas.position_attention(q, k, v, position_attention_blocks)
         elif keras.backend.standardize_dtype(q.dtype) in ("float16", "bfloat16") and v.shape[-1] % q.shape[-1] == 0:

@@ -87,3 +87,31 @@ def test_other_benchmarks_parse_their_options(script):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_tf32x3_candidate_parts_add_up_to_the_attention():
+    """``pam_split_k_tf32x3.py`` (measured on a GPU, not adopted): its high parts keep TF32's bits, high and
+    low parts add up exactly, and its three products per product give the attention against float64 over
+    blocks, runs and a remainder run (on the CPU, where the products are float32's)."""
+    torch = pytest.importorskip("torch")
+
+    from parity_tests import reference as ref
+    from parity_tests.tests.helpers import check
+
+    spec = importlib.util.spec_from_file_location("pam_split_k_tf32x3", BENCHMARKS / "pam_split_k_tf32x3.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    for rounding in ("truncate", "nearest"):
+        high = module.tf32_high(x, rounding)
+        assert not (high.view(torch.int32) & 0x1FFF).any() and torch.equal(high + (x - high), x)
+        assert ((x - high).abs() <= x.abs() * 2.0 ** -(10 if rounding == "truncate" else 11)).all()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, c, 45, generator=g) for c in (8, 8, 32))
+    expected = ref.position_attention_core(*(t.transpose(1, 2).numpy() for t in (q, k, v)))
+    with torch.no_grad():
+        for rows, splits in ((16, 4), (45, 7), (7, 1)):
+            out = module.position_attention_forward(q, k, v, rows, splits, parts="explicit")
+            check(f"TF32x3 candidate rows={rows} splits={splits}", out.transpose(1, 2).numpy(), expected)
+    with pytest.raises(ValueError, match="`parts` must be 'explicit', 'truncate' or 'nearest', got 'both'"):
+        module.position_attention_forward(q, k, v, parts="both")

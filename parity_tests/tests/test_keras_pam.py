@@ -260,21 +260,101 @@ def test_pallas_path_runs_the_kernel_and_differentiates_the_given_function(rng):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="XLA's float32 blocks are JAX's")
+@pytest.mark.parametrize("rows, splits", [(None, None), (16, 1), (16, 3), (45, 4), (7, 45)],
+                         ids=["defaults", "blocks", "blocks-and-runs", "one-block-runs", "one-key-runs"])
+def test_xla_blocks_against_float64(rows, splits, rng):
+    """``_pam_xla``'s forward pass (on the CPU with the default products): several blocks of queries, the
+    last one partial, and runs of keys, the last one padded."""
+    from danet_keras import _pam_xla
+
+    q, k = (rng.standard_normal((2, 45, 16)).astype("float32") for _ in range(2))
+    v = rng.standard_normal((2, 45, 64)).astype("float32")
+    out = _pam_xla.position_attention_forward(q, k, v, rows=rows, splits=splits)
+    assert out.shape == (2, 45, 64)
+    check(f"XLA blocks rows={rows} splits={splits}", np.asarray(out), ref.position_attention_core(q, k, v))
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="XLA's float32 blocks are JAX's")
+@pytest.mark.parametrize("platform, capability, supported", [
+    ("gpu", "9.0", True), ("gpu", "8.6", True), ("gpu", "10.0", True), ("gpu", "7.5", False), ("cpu", None, False)])
+def test_xla_blocks_take_float32_on_gpus_with_tf32(platform, capability, supported, monkeypatch):
+    """Three TF32 products need TF32 tensor cores (compute capability 8.0 on); float32 with a static N only."""
+    import jax
+    import jax.numpy as jnp
+
+    from danet_keras import _pam_xla
+
+    device = type("Device", (), {"platform": platform, "compute_capability": capability})()
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    _pam_xla.tf32_supported.cache_clear()
+    try:
+        assert _pam_xla.tf32_supported() is supported
+        assert (_pam_xla.precision("float32") is not None) is supported
+        assert _pam_xla.precision("bfloat16") is None
+        q = jnp.zeros((2, 40, 8), "float32")
+        assert _pam_xla.available(q, q) is supported
+        assert not _pam_xla.available(q.astype("bfloat16"), q.astype("bfloat16"))
+    finally:
+        _pam_xla.tf32_supported.cache_clear()
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="XLA's float32 blocks are JAX's")
+def test_xla_blocks_path_differentiates_the_given_function(rng):
+    import jax
+
+    from danet_keras import _pam_xla
+
+    q, k = (rng.standard_normal((2, 45, 16)).astype("float32") for _ in range(2))
+    v, weight = (rng.standard_normal((2, 45, 64)).astype("float32") for _ in range(2))
+    calls = []
+
+    def differentiable(*t):
+        calls.append(1)
+        return pam.position_attention_official(*t)
+
+    got = _pam_xla.position_attention(q, k, v, differentiable)
+    assert not calls  # a plain call runs the blocks' forward alone
+    check("XLA blocks path output", np.asarray(got), ref.position_attention_core(q, k, v))
+    grads = jax.grad(lambda *t: (_pam_xla.position_attention(*t, differentiable) * weight).sum(),
+                     argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *t: (pam.position_attention_official(*t) * weight).sum(), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip(("dq", "dk", "dv"), grads, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(BACKEND != "jax", reason="XLA's float32 blocks are JAX's")
+@pytest.mark.parametrize("rows, splits", [(256, 1), (256, 8), (1024, 32)])
+def test_gpu_xla_blocks_against_float64(rows, splits, rng):
+    """Three TF32 products per product, at N = 33 x 35: several blocks (the last partial) and runs of keys."""
+    from danet_keras import _pam_xla
+
+    q, k = (rng.standard_normal((2, 33 * 35, 64)).astype("float32") for _ in range(2))
+    v = rng.standard_normal((2, 33 * 35, 512)).astype("float32")
+    out = _pam_xla.position_attention_forward(q, k, v, rows=rows, splits=splits)
+    check(f"GPU XLA blocks rows={rows} splits={splits}", np.asarray(out), ref.position_attention_core(q, k, v))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="the GPU kernels run on JAX and torch")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_gpu_efficient_path_against_float64(dtype, rng, monkeypatch):
-    """Values (JAX: the Pallas kernel's) and gradients (JAX: the blocks'); float32 matmuls at full precision."""
+    """Values (JAX: XLA's blocks in float32, three TF32 products per product; the Pallas kernel in half
+    precision) and gradients (JAX: the blocks'); other float32 matmuls at full precision."""
     calls = []
     precision = contextlib.nullcontext()
     if BACKEND == "jax":
         import jax
 
-        from danet_keras import _pam_pallas
+        from danet_keras import _pam_pallas, _pam_xla
 
         precision = jax.default_matmul_precision("highest")
         kernel = _pam_pallas.position_attention_forward
         monkeypatch.setattr(_pam_pallas, "position_attention_forward", lambda *a, **kw: calls.append(1) or kernel(
+            *a, **kw))
+        xla = _pam_xla.position_attention_forward
+        monkeypatch.setattr(_pam_xla, "position_attention_forward", lambda *a, **kw: calls.append("xla") or xla(
             *a, **kw))
         blocks = pam.position_attention_blocks
         monkeypatch.setattr(pam, "position_attention_blocks", lambda *a, **kw: calls.append("blocks") or blocks(
@@ -287,7 +367,9 @@ def test_gpu_efficient_path_against_float64(dtype, rng, monkeypatch):
     inputs = [keras.ops.cast(t, dtype) for t in (q, k, v)]
     with precision:
         value = keras.ops.convert_to_numpy(keras.ops.cast(pam.position_attention_efficient(*inputs), "float32"))
-        if BACKEND == "jax" and _pam_pallas.device_supported():
+        if BACKEND == "jax" and dtype == "float32" and _pam_xla.tf32_supported():
+            assert calls == ["xla"]  # XLA's blocks gave the value
+        elif BACKEND == "jax" and _pam_pallas.device_supported():
             assert calls == [1]  # the Pallas kernel gave the value
         got = _core_grads(lambda *t: keras.ops.cast(pam.position_attention_efficient(
             *(keras.ops.cast(x, dtype) for x in t)), "float32"), q, k, v, weight)

@@ -18,7 +18,7 @@ float32): float32 to within rounding, as the Pallas and Triton kernels'
 
 Images run one at a time. ``pam_gpu_kernels.py`` times it (TF32 is switched
 on around these products only). Measured and not adopted: on one H200 at
-181 x 181, B = 2, C = 512 it took 87.5 ms at best against 66.6 ms for
+181 x 181, B = 2, C = 512 it took 87.9 ms at best against 66.6 ms for
 ``position_attention_split_k`` and 55.8 ms for the official path, and
 ``"truncate"``/``"nearest"`` were off by 5.9e-3 and 1.2e-3 (cuBLAS does not
 read float32 operands of a TF32 product either way): docs/BENCHMARKS.md.

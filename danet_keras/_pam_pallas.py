@@ -16,9 +16,10 @@ within rounding; ``danet_keras.pam`` runs float32 through ``_pam_xla``
 instead, XLA's own products in the same form, which took 53 ms where this
 kernel took 122 ms (181 x 181, B = 2, C = 512, one H200; docs/BENCHMARKS.md).
 
-:func:`position_attention` is a ``jax.custom_vjp``: called plainly (``predict``,
-a jitted forward) it runs this kernel; differentiated (``fit``, ``jax.grad``)
-it runs the function it is given and that function's own backward pass
+:func:`position_attention` is a ``jax.custom_vjp``
+(``_pam_xla.value_with_gradients``): called plainly (``predict``, a jitted
+forward) it runs this kernel; differentiated (``fit``, ``jax.grad``) it runs
+the function it is given and that function's own backward pass
 (``danet_keras.pam`` gives it the blocks).
 """
 
@@ -31,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from ._pam_xla import value_with_gradients
 
 try:  # JAX deprecates Pallas' Triton backend for Mosaic GPU; a JAX without it runs the blocks
     from jax.experimental.pallas import triton as plgpu
@@ -182,24 +185,20 @@ def position_attention_forward(q, k, v, block_q=None, block_k=None, block_v=None
     return out if rows == n else out[:, :n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _kernel_forward(q, k, v):
+    return position_attention_forward(q, k, v)  # the module's name, looked up at each call
+
+
+def _interpreted_forward(q, k, v):
+    return position_attention_forward(q, k, v, block_q=16, block_k=16, block_v=min(32, v.shape[-1]),
+                                      interpret=True)
+
+
 def position_attention(q, k, v, differentiable, interpret=False):
-    """``(B, N, C)``: this kernel's output; gradients are ``differentiable(q, k, v)``'s.
+    """``(B, N, C)``: this kernel's output; gradients are ``differentiable(q, k, v)``'s
+    (``_pam_xla.value_with_gradients``).
 
     ``interpret=True`` runs the kernel in Pallas' interpreter (any device; tests).
     """
-    if interpret:
-        return position_attention_forward(q, k, v, block_q=16, block_k=16, block_v=min(32, v.shape[-1]),
-                                          interpret=True)
-    return position_attention_forward(q, k, v)
-
-
-def _forward(q, k, v, differentiable, interpret):
-    return jax.vjp(differentiable, q, k, v)  # (output, its backward: a pytree of arrays)
-
-
-def _backward(differentiable, interpret, backward, upstream):
-    return backward(upstream)
-
-
-position_attention.defvjp(_forward, _backward)
+    forward = _interpreted_forward if interpret else _kernel_forward
+    return value_with_gradients(q, k, v, forward, differentiable)

@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["ELEMENTS", "SPLITS", "available", "precision", "position_attention", "position_attention_forward"]
+__all__ = ["ELEMENTS", "SPLITS", "available", "precision", "position_attention", "position_attention_forward",
+           "value_with_gradients"]
 
 # Energies per block, B * rows * N (256 MiB in float32), and runs of keys per product with V: the fastest
 # of those tried at 181 x 181, B = 2, C = 512 on an H200 (1024 queries per block, 8 runs: 53 ms against the
-# official path's 61 ms, 1.3 GiB above the inputs against its 16 GiB: the output and about four of a
-# block's tiles). Blocks of 256 queries took 66 ms and 464 MiB (docs/BENCHMARKS.md).
+# official path's 61 ms, 1.3 GiB above the inputs against its 16 GiB: the output, a padded copy of V and
+# about four of a block's tiles). Blocks of 256 queries took 66 ms and 464 MiB (docs/BENCHMARKS.md).
 ELEMENTS, SPLITS = 1 << 26, 8
 
 
@@ -102,18 +103,31 @@ def position_attention_forward(q, k, v, rows=None, splits=None, algorithm=None):
     return out.swapaxes(0, 1).reshape(b, blocks * rows, c)[:, :n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def position_attention(q, k, v, differentiable):
-    """``(B, N, C)``: :func:`position_attention_forward`'s value; gradients are ``differentiable(q, k, v)``'s."""
-    return position_attention_forward(q, k, v)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def value_with_gradients(q, k, v, forward, differentiable):
+    """``forward(q, k, v)`` called plainly; differentiated, ``differentiable(q, k, v)`` and its backward pass.
+
+    ``forward`` and ``differentiable`` compute the same function: a forward-only kernel and one that
+    autodiff (or its own custom gradient) can differentiate.
+    """
+    return forward(q, k, v)
 
 
-def _forward(q, k, v, differentiable):
+def _forward(q, k, v, forward, differentiable):
     return jax.vjp(differentiable, q, k, v)  # (output, its backward: a pytree of arrays)
 
 
-def _backward(differentiable, backward, upstream):
+def _backward(forward, differentiable, backward, upstream):
     return backward(upstream)
 
 
-position_attention.defvjp(_forward, _backward)
+value_with_gradients.defvjp(_forward, _backward)
+
+
+def _blocks_forward(q, k, v):
+    return position_attention_forward(q, k, v)  # the module's name, looked up at each call
+
+
+def position_attention(q, k, v, differentiable):
+    """``(B, N, C)``: :func:`position_attention_forward`'s value; gradients are ``differentiable(q, k, v)``'s."""
+    return value_with_gradients(q, k, v, _blocks_forward, differentiable)

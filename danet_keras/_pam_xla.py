@@ -14,8 +14,7 @@ as parity runs ask).
   along the keys into runs whose partial sums are added, as
   ``danet_torch.pam.position_attention_split_k`` does.
 * :func:`position_attention`: that forward pass's value, and the gradients of
-  the function it is given (``danet_keras.pam`` gives it the blocks, whose
-  own float32 products take :func:`precision`).
+  the function it is given (``danet_keras.pam`` gives it the blocks).
 
 :func:`available` says where: float32 inputs with a static ``N`` on a GPU
 with TF32 (compute capability 8.0 or later).
@@ -28,6 +27,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from .pam import _even_rows
 
 __all__ = ["ELEMENTS", "SPLITS", "available", "precision", "position_attention", "position_attention_forward",
            "value_with_gradients"]
@@ -64,10 +65,8 @@ def available(q, v) -> bool:
 
 
 def _default_rows(b: int, n: int) -> int:
-    """Rows per block, ``b * rows * n <= ELEMENTS``, spread evenly over the blocks."""
-    rows = max(1, min(n, ELEMENTS // max(1, b * n)))
-    blocks = -(-n // rows)
-    return -(-n // blocks)
+    """Rows per block, ``b * rows * n <= ELEMENTS``, spread evenly over the blocks (the blocks' rule)."""
+    return _even_rows(max(1, min(n, ELEMENTS // max(1, b * n))), n)
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "splits", "algorithm"))

@@ -39,8 +39,9 @@
     the energies computed twice for 512 channels, not eight times; on the
     GPUs and widths its tiles were checked on: compute capability 9.x/10.x,
     ``C' <= 64``); differentiated, the blocks. Not
-    ``keras.ops.dot_product_attention``: where Keras 3.15 does not find cuDNN usable (with JAX 0.11 it does not)
-    it runs XLA's attention, which builds the ``N x N`` matrix of every head
+    ``keras.ops.dot_product_attention``: where Keras 3.15 does not find
+    cuDNN usable (with JAX 0.11 it does not) it runs XLA's attention, which
+    builds the ``N x N`` matrix of every head
     (its backward asks for 64 GiB at 181 x 181, B = 2, bfloat16); and
     ``jax.nn.dot_product_attention(implementation="cudnn")`` in heads did
     not compile its backward at 33 x 35 (docs/BENCHMARKS.md).

@@ -236,30 +236,6 @@ def test_pallas_kernel_refuses_tiles_it_cannot_use():
                                                block_v=32, interpret=True)
 
 
-@PALLAS
-def test_pallas_path_runs_the_kernel_and_differentiates_the_given_function(rng):
-    import jax
-
-    from danet_keras import _pam_pallas
-
-    q, k = (rng.standard_normal((2, 45, 16)).astype("float32") for _ in range(2))
-    v, weight = (rng.standard_normal((2, 45, 64)).astype("float32") for _ in range(2))
-    calls = []
-
-    def differentiable(*t):
-        calls.append(1)
-        return pam.position_attention_official(*t)
-
-    got = _pam_pallas.position_attention(q, k, v, differentiable, True)
-    assert not calls  # a plain call runs the kernel alone
-    check("Pallas path output", np.asarray(got), ref.position_attention_core(q, k, v))
-    grads = jax.grad(lambda *t: (_pam_pallas.position_attention(*t, differentiable, True) * weight).sum(),
-                     argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(lambda *t: (pam.position_attention_official(*t) * weight).sum(), argnums=(0, 1, 2))(q, k, v)
-    for name, g, w in zip(("dq", "dk", "dv"), grads, want):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
-
-
 @pytest.mark.skipif(BACKEND != "jax", reason="XLA's float32 blocks are JAX's")
 @pytest.mark.parametrize("rows, splits", [(None, None), (16, 1), (16, 3), (45, 4), (7, 45)],
                          ids=["defaults", "blocks", "blocks-and-runs", "one-block-runs", "one-key-runs"])
@@ -299,12 +275,25 @@ def test_xla_blocks_take_float32_on_gpus_with_tf32(platform, capability, support
         _pam_xla.tf32_supported.cache_clear()
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="XLA's float32 blocks are JAX's")
-def test_xla_blocks_path_differentiates_the_given_function(rng):
-    import jax
+def _forward_only_route(route):
+    """``(q, k, v, differentiable) -> out``: a forward-only kernel's value with ``differentiable``'s gradients."""
+    if route == "pallas":
+        from danet_keras import _pam_pallas
 
+        return lambda q, k, v, differentiable: _pam_pallas.position_attention(q, k, v, differentiable, True)
     from danet_keras import _pam_xla
 
+    return _pam_xla.position_attention
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the forward-only kernels are JAX's")
+@pytest.mark.parametrize("route", [pytest.param("pallas", marks=PALLAS), "xla"])
+def test_forward_only_path_runs_its_kernel_and_differentiates_the_given_function(route, rng):
+    """The Pallas kernel (in Pallas' interpreter) and XLA's blocks: a plain call runs the kernel alone; the
+    gradients are the given function's, exactly."""
+    import jax
+
+    attend = _forward_only_route(route)
     q, k = (rng.standard_normal((2, 45, 16)).astype("float32") for _ in range(2))
     v, weight = (rng.standard_normal((2, 45, 64)).astype("float32") for _ in range(2))
     calls = []
@@ -313,11 +302,10 @@ def test_xla_blocks_path_differentiates_the_given_function(rng):
         calls.append(1)
         return pam.position_attention_official(*t)
 
-    got = _pam_xla.position_attention(q, k, v, differentiable)
-    assert not calls  # a plain call runs the blocks' forward alone
-    check("XLA blocks path output", np.asarray(got), ref.position_attention_core(q, k, v))
-    grads = jax.grad(lambda *t: (_pam_xla.position_attention(*t, differentiable) * weight).sum(),
-                     argnums=(0, 1, 2))(q, k, v)
+    got = attend(q, k, v, differentiable)
+    assert not calls  # a plain call runs the kernel alone
+    check(f"{route} path output", np.asarray(got), ref.position_attention_core(q, k, v))
+    grads = jax.grad(lambda *t: (attend(*t, differentiable) * weight).sum(), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(lambda *t: (pam.position_attention_official(*t) * weight).sum(), argnums=(0, 1, 2))(q, k, v)
     for name, g, w in zip(("dq", "dk", "dv"), grads, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)

@@ -255,7 +255,7 @@ def test_xla_blocks_against_float64(rows, splits, rng):
 @pytest.mark.parametrize("platform, capability, supported", [
     ("gpu", "9.0", True), ("gpu", "8.6", True), ("gpu", "10.0", True), ("gpu", "7.5", False), ("cpu", None, False)])
 def test_xla_blocks_take_float32_on_gpus_with_tf32(platform, capability, supported, monkeypatch):
-    """Three TF32 products need TF32 tensor cores (compute capability 8.0 on); float32 with a static N only."""
+    """Three TF32 products need TF32 tensor cores (compute capability 8.0 on); float32 inputs only."""
     import jax
     import jax.numpy as jnp
 

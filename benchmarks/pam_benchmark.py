@@ -255,6 +255,9 @@ def main(argv=None) -> int:
                         "spread wider, as trained weights or Keras' default initialisation spread them")
     p.add_argument("--block-elements", type=int, default=None,
                    help="override BLOCK_ELEMENTS (attention elements per block) of the efficient path")
+    p.add_argument("--tf-backward-block-elements", type=int, default=None,
+                   help="override danet_keras.pam's TF_BACKWARD_BLOCK_ELEMENTS (Keras on TensorFlow: attention "
+                        "elements per block of keys of the backward pass)")
     p.add_argument("--xla-blocks", nargs=2, type=int, default=None, metavar=("ELEMENTS", "SPLITS"),
                    help="override danet_keras._pam_xla's ELEMENTS and SPLITS (Keras on JAX, float32 on a GPU)")
     p.add_argument("--json", default=None)
@@ -268,6 +271,10 @@ def main(argv=None) -> int:
 
             module = importlib.import_module("danet_keras.pam" if args.framework == "keras" else "danet_torch.pam")
             module.BLOCK_ELEMENTS = args.block_elements
+        if args.tf_backward_block_elements:
+            from danet_keras import pam
+
+            pam.TF_BACKWARD_BLOCK_ELEMENTS = args.tf_backward_block_elements
         if args.xla_blocks:
             from danet_keras import _pam_xla
 
@@ -280,6 +287,8 @@ def main(argv=None) -> int:
               "--channels", str(args.channels), "--calls", str(args.calls), "--qk-scale", str(args.qk_scale)]
     if args.block_elements:
         common += ["--block-elements", str(args.block_elements)]
+    if args.tf_backward_block_elements:
+        common += ["--tf-backward-block-elements", str(args.tf_backward_block_elements)]
     if args.xla_blocks:
         common += ["--xla-blocks", *map(str, args.xla_blocks)]
     for size in args.sizes:

@@ -15,16 +15,20 @@
     ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK = dS^T Q``
     (flash attention's backward). A block has
     ``B * rows * N <= BLOCK_ELEMENTS`` attention elements (the same rule
-    and value as ``danet_torch``), the rows spread evenly over the blocks
+    and value as ``danet_torch``; TensorFlow's blocks of keys
+    ``TF_BACKWARD_BLOCK_ELEMENTS``, 4x larger: its CPU products run faster
+    on them), the rows spread evenly over the blocks
     (the last block is padded with zero rows, which cost as much as real
     ones). In float16/bfloat16, energies, softmax statistics and the ``dQ``
     sum are float32; the products with V and dO run in the input dtype.
     TensorFlow and JAX: one ``keras.ops`` implementation under
     ``keras.ops.custom_gradient``, the blocks in a ``scan`` (one block live
-    at a time, XLA and TensorFlow graphs included); on TensorFlow, in
+    at a time, XLA and TensorFlow graphs included). TensorFlow runs every
+    elementwise operation as a pass of its own over the tile, so there, in
     float32/float64, the backward pass's ``-lse`` rides in a product as an
-    extra column (:func:`_folds`: TensorFlow runs every elementwise operation
-    as a pass of its own over the tile). Keras' torch backend: a
+    extra column (:func:`_folds`) and in float32 its ``-rowsum(dO * O)`` is
+    subtracted by oneDNN's fused product (:func:`_product_less`). Keras'
+    torch backend: a
     ``torch.autograd.Function`` with the same math that reuses its buffers
     in place (``_pam_torch``), as ``keras.ops`` cannot, and on the CPU keeps
     exp's argument above ``-50`` (subnormal numbers, as ``danet_torch``).
@@ -70,6 +74,7 @@ from .layers import backend_result_type, row_max
 __all__ = [
     "PAM_PATHS",
     "BLOCK_ELEMENTS",
+    "TF_BACKWARD_BLOCK_ELEMENTS",
     "resolve_path",
     "check_path",
     "path_from_legacy",
@@ -86,6 +91,9 @@ PAM_PATHS = ("auto", "official", "efficient")
 # Attention elements per block of queries or keys, B * rows * N (16 MiB in
 # float32); danet_torch.pam uses the same rule and value.
 BLOCK_ELEMENTS = 1 << 22
+# On TensorFlow, per block of keys of the backward pass (64 MiB in float32):
+# its CPU products run faster on larger tiles (docs/BENCHMARKS.md).
+TF_BACKWARD_BLOCK_ELEMENTS = 1 << 24
 
 
 def _env_path() -> str:
@@ -130,15 +138,17 @@ def path_from_legacy(path: str, kwargs: dict, name: str = "path") -> str:
     return legacy[fused]
 
 
-def block_rows(batch, n):
-    """Rows (queries or keys) per block: ``batch * rows * n <= BLOCK_ELEMENTS``, at least 1, at most ``n``.
+def block_rows(batch, n, elements=None):
+    """Rows (queries or keys) per block: ``batch * rows * n <= elements``, at least 1, at most ``n``.
 
-    Python ints give an int; scalar tensors (a TensorFlow graph with unknown
-    sizes) give a scalar tensor.
+    ``elements`` defaults to :data:`BLOCK_ELEMENTS`. Python ints give an int;
+    scalar tensors (a TensorFlow graph with unknown sizes) give a scalar
+    tensor.
     """
+    elements = BLOCK_ELEMENTS if elements is None else elements
     if isinstance(batch, int) and isinstance(n, int):
-        return max(1, min(n, BLOCK_ELEMENTS // max(1, batch * n)))
-    return ops.maximum(1, ops.minimum(n, BLOCK_ELEMENTS // ops.maximum(1, batch * n)))
+        return max(1, min(n, elements // max(1, batch * n)))
+    return ops.maximum(1, ops.minimum(n, elements // ops.maximum(1, batch * n)))
 
 
 def _folds(dtype) -> bool:
@@ -261,6 +271,32 @@ def _blocks_forward(q, k, v, rows):
     return _merge(out, n), _merge(lse, n)
 
 
+def _fuses(dtype) -> bool:
+    """Whether the blocks' backward pass subtracts ``rowsum(dO * O)`` inside its product: TensorFlow, float32.
+
+    See :func:`_product_less`; oneDNN's fused product takes float32 (and no
+    float64).
+    """
+    return keras.backend.backend() == "tensorflow" and keras.backend.standardize_dtype(dtype) == "float32"
+
+
+def _product_less(a, b_half, c):
+    """``a (2 b_half)^T - c`` as one TensorFlow product: ``(B, N, C), (B, rows, C), (B, N, 1) -> (B, N, rows)``.
+
+    Grappler replaces ``BatchMatMulV2 -> Mul by a scalar -> AddV2`` on
+    rank-4 tensors by oneDNN's ``_MklFusedBatchMatMulV2``, which scales and
+    adds as it writes the product: the subtraction takes no pass of its own
+    over the tile. The scalar is 2 against a halved ``b`` because Grappler
+    removes a multiplication by 1 before it looks for that pattern; halving
+    and doubling are exact in binary floating point (below ``2^-125``, where
+    halving would round, TensorFlow's CPU kernels flush to zero anyway).
+    """
+    import tensorflow as tf
+
+    product = tf.matmul(a[:, None], b_half[:, None], adjoint_b=True)  # (B, 1, N, rows)
+    return (product * tf.constant(2.0, product.dtype) + (-c)[:, None])[:, 0]
+
+
 def _blocks_backward(q, k, v, out, lse, dout, rows):
     """``(dq, dk, dv)`` recomputed from ``(q, k, v, out, lse)``, one block of ``rows`` keys at a time.
 
@@ -273,9 +309,11 @@ def _blocks_backward(q, k, v, out, lse, dout, rows):
     ``dK``/``dV`` rows are dropped and whose ``dS K`` is 0), where
     ``Q K_j^T - lse`` alone could overflow.
 
-    ``-rowsum(dO * O)`` is subtracted from the product ``dO V_j^T``: as an
-    extra column of ``dO`` against ones in V it would make that product 513
-    columns wide for 512 channels, which measured no faster on TensorFlow.
+    ``-rowsum(dO * O)`` is subtracted from the product ``dO V_j^T``, on
+    TensorFlow in float32 by the product itself (:func:`_product_less`); as
+    an extra column of ``dO`` against ones in V it would make that product
+    513 columns wide for 512 channels, which measured no faster on
+    TensorFlow.
     """
     b, n = _sizes(q)
     stat, dtype = backend_result_type(q.dtype), q.dtype
@@ -286,9 +324,10 @@ def _blocks_backward(q, k, v, out, lse, dout, rows):
     if fold:
         qs = ops.concatenate([qs, -lse], axis=-1)  # [Q, -lse] (B, N, C' + 1)
         ks = ops.concatenate([ks, ops.ones_like(ks[..., :1])], axis=-1)  # [K, 1]
+    fuse = _fuses(dtype)
     blocks = (n + rows - 1) // rows
     xs = (_split(ks, blocks, rows),  # (blocks, B, rows, C' (+ 1))
-          _split(v, blocks, rows))  # (blocks, B, rows, C)
+          _split(v * 0.5 if fuse else v, blocks, rows))  # (blocks, B, rows, C), halved for _product_less
     cq = q.shape[-1]
 
     def step(dq, x):
@@ -297,7 +336,11 @@ def _blocks_backward(q, k, v, out, lse, dout, rows):
         energy = ops.einsum("bnc,bjc->bnj", qs, ks)  # (B, N, rows): Q K_j^T, less lse where it folds
         p = ops.exp(energy if fold else ops.minimum(energy - lse, 0.0))  # P_j
         dv = ops.einsum("bnj,bnc->bjc", ops.cast(p, dtype), dout)  # P^T dO
-        ds = ops.cast(p * (ops.cast(ops.einsum("bnc,bjc->bnj", dout, vb), stat) - delta), dtype)  # P (dO V^T - delta)
+        if fuse:
+            dp = _product_less(dout, vb, delta)  # dO V^T - delta
+        else:
+            dp = ops.cast(ops.einsum("bnc,bjc->bnj", dout, vb), stat) - delta
+        ds = ops.cast(p * dp, dtype)  # P (dO V^T - delta)
         dk = ops.einsum("bnj,bnc->bjc", ds, q)  # dS^T Q
         return dq + ops.cast(ops.einsum("bnj,bjc->bnc", ds, kb), stat), (dk, dv)  # dQ += dS K
 
@@ -305,34 +348,45 @@ def _blocks_backward(q, k, v, out, lse, dout, rows):
     return ops.cast(dq, q.dtype), _merge(dk, n), _merge(dv, n)
 
 
-def position_attention_blocks(q, k, v, rows=None):
-    """The official function over blocks of ``rows`` queries (keys in the backward pass).
+def position_attention_blocks(q, k, v, rows=None, backward_rows=None):
+    """The official function over blocks of ``rows`` queries, and in the backward pass of ``backward_rows`` keys.
 
     Args:
         q, k: ``(B, N, C')``. v: ``(B, N, C)``.
-        rows: Rows per block (default: :func:`block_rows` rows at most, spread
-            evenly over the blocks, so that the last block is (nearly) full).
+        rows: Queries per block of the forward pass (default:
+            :func:`block_rows` rows at most, spread evenly over the blocks,
+            so that the last block is (nearly) full).
+        backward_rows: Keys per block of the backward pass (default: ``rows``
+            where it is given, else the same rule; on TensorFlow with
+            :data:`TF_BACKWARD_BLOCK_ELEMENTS`). Keras' torch backend uses
+            ``rows`` for both.
 
     Returns:
         ``(B, N, C)``.
     """
     b, n = _sizes(q)
+    if isinstance(n, int):
+        rows, backward_rows = (None if r is None else max(1, min(int(r), n)) for r in (rows, backward_rows))
+    if backward_rows is None:
+        if rows is not None:
+            backward_rows = rows
+        else:
+            tensorflow = keras.backend.backend() == "tensorflow"
+            backward_rows = _even_rows(block_rows(b, n, TF_BACKWARD_BLOCK_ELEMENTS if tensorflow else None), n)
     if rows is None:
         rows = _even_rows(block_rows(b, n), n)
-    elif isinstance(n, int):
-        rows = max(1, min(int(rows), n))
     if keras.backend.backend() == "torch":
         from ._pam_torch import position_attention_blocks_torch
 
         return position_attention_blocks_torch(*(ops.convert_to_tensor(t) for t in (q, k, v)), rows)
     if keras.backend.backend() == "jax" and isinstance(n, int):
-        return _jax_blocks_jit()(q, k, v, rows)
-    return _attend_blocks(q, k, v, rows)
+        return _jax_blocks_jit()(q, k, v, rows, backward_rows)
+    return _attend_blocks(q, k, v, rows, backward_rows)
 
 
 @functools.cache
 def _jax_blocks_jit():
-    """:func:`_attend_blocks` under one ``jax.jit`` (``rows`` static), made once.
+    """:func:`_attend_blocks` under one ``jax.jit`` (the rows static), made once.
 
     Called eagerly, JAX would compile each operation of the blocks (the
     split, the scan, the merge) on its own for every new shape; compiled
@@ -341,10 +395,10 @@ def _jax_blocks_jit():
     """
     import jax
 
-    return jax.jit(_attend_blocks, static_argnums=3)
+    return jax.jit(_attend_blocks, static_argnums=(3, 4))
 
 
-def _attend_blocks(q, k, v, rows):
+def _attend_blocks(q, k, v, rows, backward_rows):
     """The blocks' forward under ``keras.ops.custom_gradient``, the backward from the saved statistics."""
 
     @ops.custom_gradient
@@ -355,7 +409,7 @@ def _attend_blocks(q, k, v, rows):
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            return _blocks_backward(q, k, v, saved, lse, upstream, rows)
+            return _blocks_backward(q, k, v, saved, lse, upstream, backward_rows)
 
         return out, grad
 

@@ -404,6 +404,8 @@ def _check_layer_gradients(label, layers, x, weight, dtype):
 @pytest.mark.parametrize("hw", [(33, 35), (9, 7), (1, 1)])
 def test_layer_efficient_equals_official_for_every_gradient(hw, dtype, rng, monkeypatch):
     monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 150 * hw[0] * hw[1])  # 8 blocks, the last one partial, at 33x35
+    # TensorFlow's backward pass: 4 blocks of keys, the last one partial, at 33x35
+    monkeypatch.setattr(pam, "TF_BACKWARD_BLOCK_ELEMENTS", 2 * 350 * hw[0] * hw[1])
     x = rng.normal(0, 0.5, (2, *hw, 16)).astype(dtype)
     weight = rng.standard_normal(x.shape).astype(dtype)
     with _dtype_enabled(dtype):
@@ -413,6 +415,7 @@ def test_layer_efficient_equals_official_for_every_gradient(hw, dtype, rng, monk
 
 def test_none_spatial_sizes_in_a_functional_model(rng, monkeypatch):
     monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 40 * 13 * 11)
+    monkeypatch.setattr(pam, "TF_BACKWARD_BLOCK_ELEMENTS", 2 * 60 * 13 * 11)  # 3 blocks of keys at 13x11
     models = {}
     for path in ("official", "efficient"):
         inp = keras.Input((None, None, 16))
@@ -433,6 +436,7 @@ def test_tensorflow_graph_with_unknown_sizes(spatial, blocks_expected, rng, monk
     import tensorflow as tf
 
     monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 40 * 13 * 11)  # several blocks at batch 2
+    monkeypatch.setattr(pam, "TF_BACKWARD_BLOCK_ELEMENTS", 2 * 60 * 13 * 11)  # fewer, larger blocks of keys
     calls = []
     blocks = pam.position_attention_blocks
     monkeypatch.setattr(pam, "position_attention_blocks", lambda *t, **kw: calls.append(1) or blocks(*t, **kw))
@@ -573,6 +577,64 @@ def test_block_rows_rule():
     assert pam.block_rows(1, 100) == 100
     assert pam.block_rows(64, pam.BLOCK_ELEMENTS) == 1
     assert pam._even_rows(pam.block_rows(1, 9216), 9216) == 439  # 21 blocks hold 9219 rows, not 21 * 455 = 9555
+    assert pam.block_rows(1, 9216, pam.TF_BACKWARD_BLOCK_ELEMENTS) == pam.TF_BACKWARD_BLOCK_ELEMENTS // 9216
+    assert pam._even_rows(pam.block_rows(1, 9216, pam.TF_BACKWARD_BLOCK_ELEMENTS), 9216) == 1536  # 6 blocks
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras' torch backend runs its own blocks, one size for both passes")
+@pytest.mark.parametrize("given, expected", [
+    ({}, (439, 1536 if BACKEND == "tensorflow" else 439)),
+    ({"rows": 100}, (100, 100)),
+    ({"rows": 100, "backward_rows": 3000}, (100, 3000)),
+    ({"backward_rows": 20000}, (439, 9216)),
+])
+def test_blocks_rows_per_pass(given, expected, monkeypatch):
+    """Default rows: the forward pass's from BLOCK_ELEMENTS; the backward pass's from TF_BACKWARD_BLOCK_ELEMENTS on
+    TensorFlow. Given rows serve both passes unless ``backward_rows`` is given; both are capped at N."""
+    seen = []
+    monkeypatch.setattr(pam, "_attend_blocks", lambda q, k, v, *rows: seen.append(rows) or v)
+    monkeypatch.setattr(pam, "_jax_blocks_jit", lambda: pam._attend_blocks)
+    q = np.zeros((1, 9216, 2), "float32")
+    pam.position_attention_blocks(q, q, np.zeros((1, 9216, 3), "float32"), **given)
+    assert seen == [expected]
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's fused product (the other backends subtract)")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_tensorflow_product_less_in_a_graph(batch, rng):
+    """``_product_less(a, b / 2, c) = a b^T - c``, traced: Grappler forms oneDNN's fused product there (with
+    oneDNN); against float64."""
+    import tensorflow as tf
+
+    a, b = rng.standard_normal((batch, 37, 24)), rng.standard_normal((batch, 11, 24))
+    c = 30 * rng.standard_normal((batch, 37, 1))
+    got = tf.function(pam._product_less)(*(tf.constant(t, tf.float32) for t in (a, 0.5 * b, c)))
+    check(f"product less, batch {batch}", got.numpy(), np.einsum("bnc,bjc->bnj", a, b) - c, "float32", "grad")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="a traced TensorFlow graph, where Grappler rewrites the blocks")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_tensorflow_traced_blocks_against_float64(dtype, rng):
+    """The blocks' value and gradients in a ``tf.function`` (Grappler's rewrites: the fused product, the folded
+    transposes), 5 blocks of queries and 3 of keys, both with a partial last block; against float64 NumPy."""
+    import tensorflow as tf
+
+    q, k = (rng.normal(0, 0.7, (2, 123, 8)) for _ in range(2))
+    v, weight = (rng.standard_normal((2, 123, 20)) for _ in range(2))
+    q, k, v, weight = (t.astype(dtype) for t in (q, k, v, weight))
+
+    @tf.function
+    def step(q, k, v):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            y = pam.position_attention_blocks(q, k, v, rows=25, backward_rows=42)
+            loss = tf.reduce_sum(y * weight)
+        return [y] + tape.gradient(loss, [q, k, v])
+
+    got = step(*(tf.constant(t) for t in (q, k, v)))
+    expected = [ref.position_attention_core(q, k, v), *ref.position_attention_core_grads(q, k, v, weight)]
+    for name, g, want in zip(("output", "dq", "dk", "dv"), got, expected):
+        check(f"traced blocks {dtype} {name}", g.numpy(), want, dtype, "layer" if name == "output" else "grad")
 
 
 @pytest.mark.parametrize("n, cap", [(9216, 455), (1155, 150), (63, 10), (64, 16), (7, 1), (5, 9), (0, 1)])

@@ -15,9 +15,10 @@
     ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK = dS^T Q``
     (flash attention's backward). A block has
     ``B * rows * N <= BLOCK_ELEMENTS`` attention elements (the same rule
-    and value as ``danet_torch``; TensorFlow's blocks of keys
-    ``TF_BACKWARD_BLOCK_ELEMENTS``, 4x larger: its CPU products run faster
-    on them), the rows spread evenly over the blocks
+    and value as ``danet_torch``; TensorFlow's blocks of keys up to 4x
+    larger, ``TF_BACKWARD_BLOCK_ELEMENTS``, in at least
+    ``TF_BACKWARD_MIN_BLOCKS``: its CPU products ran faster on them where
+    measured), the rows spread evenly over the blocks
     (the last block is padded with zero rows, which cost as much as real
     ones). In float16/bfloat16, energies, softmax statistics and the ``dQ``
     sum are float32; the products with V and dO run in the input dtype.
@@ -75,6 +76,7 @@ __all__ = [
     "PAM_PATHS",
     "BLOCK_ELEMENTS",
     "TF_BACKWARD_BLOCK_ELEMENTS",
+    "TF_BACKWARD_MIN_BLOCKS",
     "resolve_path",
     "check_path",
     "path_from_legacy",
@@ -91,9 +93,12 @@ PAM_PATHS = ("auto", "official", "efficient")
 # Attention elements per block of queries or keys, B * rows * N (16 MiB in
 # float32); danet_torch.pam uses the same rule and value.
 BLOCK_ELEMENTS = 1 << 22
-# On TensorFlow, per block of keys of the backward pass (64 MiB in float32):
-# its CPU products run faster on larger tiles (docs/BENCHMARKS.md).
+# On TensorFlow, per block of keys of the backward pass (64 MiB in float32),
+# in at least TF_BACKWARD_MIN_BLOCKS blocks: its oneDNN CPU products ran
+# faster on larger tiles where measured, and at most a sixth of the keys per
+# block keeps smaller maps in several blocks (docs/BENCHMARKS.md).
 TF_BACKWARD_BLOCK_ELEMENTS = 1 << 24
+TF_BACKWARD_MIN_BLOCKS = 6
 
 
 def _env_path() -> str:
@@ -149,6 +154,20 @@ def block_rows(batch, n, elements=None):
     if isinstance(batch, int) and isinstance(n, int):
         return max(1, min(n, elements // max(1, batch * n)))
     return ops.maximum(1, ops.minimum(n, elements // ops.maximum(1, batch * n)))
+
+
+def _tf_backward_rows(batch, n):
+    """Keys per block of TensorFlow's backward pass: ``B * rows * N`` at most
+    :data:`TF_BACKWARD_BLOCK_ELEMENTS` and ``rows`` at most ``N /``
+    :data:`TF_BACKWARD_MIN_BLOCKS`, but never fewer than :func:`block_rows`;
+    spread evenly. At B = 1: 1536 keys (6 blocks) at ``N = 9216``, 1024 (4,
+    the forward pass's rule) at ``N = 4096``, 1024 (16) at ``N = 16384``.
+    """
+    sixth = (n + TF_BACKWARD_MIN_BLOCKS - 1) // TF_BACKWARD_MIN_BLOCKS
+    most, least = block_rows(batch, n, TF_BACKWARD_BLOCK_ELEMENTS), block_rows(batch, n)
+    if isinstance(most, int) and isinstance(n, int):
+        return _even_rows(max(least, min(most, sixth)), n)
+    return _even_rows(ops.maximum(least, ops.minimum(most, sixth)), n)
 
 
 def _folds(dtype) -> bool:
@@ -226,7 +245,12 @@ def _merge(x, n):
     """``(blocks, B, rows, C)`` -> ``(B, N, C)``, the appended rows dropped."""
     shape = ops.shape(x)
     x = ops.reshape(ops.transpose(x, (1, 0, 2, 3)), (shape[1], shape[0] * shape[2], x.shape[-1]))
-    return x if isinstance(n, int) and x.shape[1] == n else x[:, :n]
+    if isinstance(n, int) and x.shape[1] == n:
+        return x
+    x = x[:, :n]
+    if isinstance(n, int) and x.shape[1] is None:  # a TensorFlow graph counts the blocks in a tensor: N is known
+        x = ops.reshape(x, (shape[1], n, x.shape[-1]))  # (a loop that carries dQ needs N = 1 known as 1)
+    return x
 
 
 def _scan(step, carry, xs, ys_dtypes):
@@ -242,7 +266,7 @@ def _scan(step, carry, xs, ys_dtypes):
         return ops.scan(step, carry, xs)
     import tensorflow as tf
 
-    n = tf.shape(xs[0])[0]
+    n = xs[0].shape[0] if isinstance(xs[0].shape[0], int) else tf.shape(xs[0])[0]  # static where known
     arrays = tuple(tf.TensorArray(dtype, size=n) for dtype in ys_dtypes)
 
     def body(i, carry, arrays):
@@ -272,12 +296,24 @@ def _blocks_forward(q, k, v, rows):
 
 
 def _fuses(dtype) -> bool:
-    """Whether the blocks' backward pass subtracts ``rowsum(dO * O)`` inside its product: TensorFlow, float32.
+    """Whether the blocks' backward pass subtracts ``rowsum(dO * O)`` inside its product (:func:`_product_less`).
 
-    See :func:`_product_less`; oneDNN's fused product takes float32 (and no
-    float64).
+    TensorFlow with its oneDNN CPU kernels (x86 builds, unless
+    ``TF_ENABLE_ONEDNN_OPTS=0``), no GPU, float32 inputs: oneDNN's fused
+    product takes float32 (not float64), and elsewhere the scaled form would
+    cost a pass more than a subtraction.
     """
-    return keras.backend.backend() == "tensorflow" and keras.backend.standardize_dtype(dtype) == "float32"
+    if keras.backend.backend() != "tensorflow" or keras.backend.standardize_dtype(dtype) != "float32":
+        return False
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # no public query for oneDNN's kernels
+
+        onednn = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # pragma: no cover - other TensorFlow builds
+        onednn = False
+    return onednn and not tf.config.list_logical_devices("GPU")
 
 
 def _product_less(a, b_half, c):
@@ -357,9 +393,9 @@ def position_attention_blocks(q, k, v, rows=None, backward_rows=None):
             :func:`block_rows` rows at most, spread evenly over the blocks,
             so that the last block is (nearly) full).
         backward_rows: Keys per block of the backward pass (default: ``rows``
-            where it is given, else the same rule; on TensorFlow with
-            :data:`TF_BACKWARD_BLOCK_ELEMENTS`). Keras' torch backend uses
-            ``rows`` for both.
+            where it is given, else the same rule; on TensorFlow
+            :func:`_tf_backward_rows`). Keras' torch backend uses ``rows``
+            for both.
 
     Returns:
         ``(B, N, C)``.
@@ -372,7 +408,7 @@ def position_attention_blocks(q, k, v, rows=None, backward_rows=None):
             backward_rows = rows
         else:
             tensorflow = keras.backend.backend() == "tensorflow"
-            backward_rows = _even_rows(block_rows(b, n, TF_BACKWARD_BLOCK_ELEMENTS if tensorflow else None), n)
+            backward_rows = _tf_backward_rows(b, n) if tensorflow else _even_rows(block_rows(b, n), n)
     if rows is None:
         rows = _even_rows(block_rows(b, n), n)
     if keras.backend.backend() == "torch":

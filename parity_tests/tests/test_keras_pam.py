@@ -406,6 +406,7 @@ def test_layer_efficient_equals_official_for_every_gradient(hw, dtype, rng, monk
     monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 150 * hw[0] * hw[1])  # 8 blocks, the last one partial, at 33x35
     # TensorFlow's backward pass: 4 blocks of keys, the last one partial, at 33x35
     monkeypatch.setattr(pam, "TF_BACKWARD_BLOCK_ELEMENTS", 2 * 350 * hw[0] * hw[1])
+    monkeypatch.setattr(pam, "TF_BACKWARD_MIN_BLOCKS", 2)
     x = rng.normal(0, 0.5, (2, *hw, 16)).astype(dtype)
     weight = rng.standard_normal(x.shape).astype(dtype)
     with _dtype_enabled(dtype):
@@ -416,6 +417,7 @@ def test_layer_efficient_equals_official_for_every_gradient(hw, dtype, rng, monk
 def test_none_spatial_sizes_in_a_functional_model(rng, monkeypatch):
     monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 40 * 13 * 11)
     monkeypatch.setattr(pam, "TF_BACKWARD_BLOCK_ELEMENTS", 2 * 60 * 13 * 11)  # 3 blocks of keys at 13x11
+    monkeypatch.setattr(pam, "TF_BACKWARD_MIN_BLOCKS", 2)
     models = {}
     for path in ("official", "efficient"):
         inp = keras.Input((None, None, 16))
@@ -430,18 +432,20 @@ def test_none_spatial_sizes_in_a_functional_model(rng, monkeypatch):
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="only TensorFlow traces graphs with unknown sizes "
                                                      "(JAX and torch always see the call's sizes)")
-@pytest.mark.parametrize("spatial, blocks_expected", [((13, 11), True), ((None, None), False)])
+@pytest.mark.parametrize("spatial, blocks_expected", [((13, 11), True), ((None, None), False), ((1, 1), True)])
 def test_tensorflow_graph_with_unknown_sizes(spatial, blocks_expected, rng, monkeypatch):
-    """Unknown batch: the blocks, sized in the graph. Unknown H, W (exports): the official computation."""
+    """Unknown batch: the blocks, sized in the graph (at 1 x 1 too: the loop that carries dQ needs N = 1 to stay
+    known through the blocks' merge). Unknown H, W (exports): the official computation."""
     import tensorflow as tf
 
     monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 40 * 13 * 11)  # several blocks at batch 2
     monkeypatch.setattr(pam, "TF_BACKWARD_BLOCK_ELEMENTS", 2 * 60 * 13 * 11)  # fewer, larger blocks of keys
+    monkeypatch.setattr(pam, "TF_BACKWARD_MIN_BLOCKS", 2)
     calls = []
     blocks = pam.position_attention_blocks
     monkeypatch.setattr(pam, "position_attention_blocks", lambda *t, **kw: calls.append(1) or blocks(*t, **kw))
     layers = _layer_pair((None, None, None, 16), "float32", rng)
-    x = rng.normal(0, 0.5, (2, 13, 11, 16)).astype("float32")
+    x = rng.normal(0, 0.5, (2, *((13, 11) if spatial[0] is None else spatial), 16)).astype("float32")
     results = {}
     for path, layer in layers.items():
         @tf.function(input_signature=[tf.TensorSpec((None, *spatial, 16), tf.float32)] * 2)
@@ -578,7 +582,25 @@ def test_block_rows_rule():
     assert pam.block_rows(64, pam.BLOCK_ELEMENTS) == 1
     assert pam._even_rows(pam.block_rows(1, 9216), 9216) == 439  # 21 blocks hold 9219 rows, not 21 * 455 = 9555
     assert pam.block_rows(1, 9216, pam.TF_BACKWARD_BLOCK_ELEMENTS) == pam.TF_BACKWARD_BLOCK_ELEMENTS // 9216
-    assert pam._even_rows(pam.block_rows(1, 9216, pam.TF_BACKWARD_BLOCK_ELEMENTS), 9216) == 1536  # 6 blocks
+
+
+@pytest.mark.parametrize("batch, n, expected", [
+    (1, 9216, 1536),  # 6 blocks, 2^24 elements at most
+    (1, 4096, 1024),  # a sixth would be 683: the forward pass's 1024
+    (1, 16384, 1024),  # 2^24 elements: 16 blocks
+    (2, 9216, 838),  # 2^24 elements over a batch of 2: 11 blocks, spread evenly
+    (2, 32761, 256),
+    (1, 100, 100),
+    (1, 1, 1),
+])
+def test_tensorflow_backward_rows_rule(batch, n, expected):
+    assert pam._tf_backward_rows(batch, n) == expected
+    rows = pam._even_rows(expected, n)
+    assert rows == expected
+    assert batch * rows * n <= max(pam.TF_BACKWARD_BLOCK_ELEMENTS, batch * n)  # one row at least
+    assert rows >= pam._even_rows(pam.block_rows(batch, n), n)
+    # the same rule in a TensorFlow graph whose batch size is a tensor
+    assert int(pam._tf_backward_rows(keras.ops.convert_to_tensor(batch), n)) == expected
 
 
 @pytest.mark.skipif(BACKEND == "torch", reason="Keras' torch backend runs its own blocks, one size for both passes")
@@ -597,6 +619,54 @@ def test_blocks_rows_per_pass(given, expected, monkeypatch):
     q = np.zeros((1, 9216, 2), "float32")
     pam.position_attention_blocks(q, q, np.zeros((1, 9216, 3), "float32"), **given)
     assert seen == [expected]
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras' torch backend runs its own blocks, one size for both passes")
+def test_each_pass_runs_its_own_rows(rng, monkeypatch):
+    """``rows`` reach the forward pass's blocks and ``backward_rows`` the backward pass's, through the custom
+    gradient (and JAX's ``jit``); the gradients stay the reference's."""
+    seen = {}
+    forward, backward = pam._blocks_forward, pam._blocks_backward
+
+    def spy_forward(q, k, v, rows):
+        seen["forward"] = rows
+        return forward(q, k, v, rows)
+
+    def spy_backward(q, k, v, out, lse, dout, rows):
+        seen["backward"] = rows
+        return backward(q, k, v, out, lse, dout, rows)
+
+    monkeypatch.setattr(pam, "_blocks_forward", spy_forward)
+    monkeypatch.setattr(pam, "_blocks_backward", spy_backward)
+    q, k = (rng.normal(0, 0.7, (1, 37, 4)).astype("float32") for _ in range(2))
+    v, weight = (rng.standard_normal((1, 37, 6)).astype("float32") for _ in range(2))
+    got = _core_grads(lambda *t: pam.position_attention_blocks(*t, rows=5, backward_rows=9), q, k, v, weight)
+    assert seen == {"forward": 5, "backward": 9}
+    expected = [ref.position_attention_core(q, k, v), *ref.position_attention_core_grads(q, k, v, weight)]
+    for name, g, want in zip(("output", "dq", "dk", "dv"), got, expected):
+        check(f"rows per pass, {name}", g, want, "float32", "layer" if name == "output" else "grad")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's fused product (the other backends subtract)")
+def test_tensorflow_forms_the_fused_product():
+    """Where the blocks use it (TensorFlow's oneDNN kernels, float32), Grappler does turn ``_product_less`` into
+    one ``_MklFusedBatchMatMulV2``: without it the form costs a pass more than a subtraction."""
+    import tensorflow as tf
+
+    if not pam._fuses("float32"):
+        pytest.skip("this TensorFlow runs without oneDNN's CPU kernels (or on a GPU): the blocks subtract")
+    graph = tf.Graph()
+    with graph.as_default():
+        a, b = tf.compat.v1.placeholder(tf.float32, (2, 37, 24)), tf.compat.v1.placeholder(tf.float32, (2, 11, 24))
+        c = tf.compat.v1.placeholder(tf.float32, (2, 37, 1))
+        out = pam._product_less(a, b, c)
+    metadata = tf.compat.v1.RunMetadata()
+    with tf.compat.v1.Session(graph=graph) as session:
+        session.run(out, {a: np.ones((2, 37, 24)), b: np.ones((2, 11, 24)), c: np.ones((2, 37, 1))},
+                    options=tf.compat.v1.RunOptions(output_partition_graphs=True), run_metadata=metadata)
+    ops = {node.op for g in metadata.partition_graphs for node in g.node}
+    assert "_MklFusedBatchMatMulV2" in ops, sorted(ops)
+    assert not ops & {"BatchMatMulV2", "_MklBatchMatMulV2", "AddV2", "Mul"}, sorted(ops)
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's fused product (the other backends subtract)")

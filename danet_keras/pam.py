@@ -27,9 +27,9 @@
     at a time, XLA and TensorFlow graphs included). TensorFlow runs every
     elementwise operation as a pass of its own over the tile, so there, in
     float32/float64, the backward pass's ``-lse`` rides in a product as an
-    extra column (:func:`_folds`) and in float32 its ``-rowsum(dO * O)`` is
-    subtracted by oneDNN's fused product (:func:`_product_less`). Keras'
-    torch backend: a
+    extra column (:func:`_folds`) and, with oneDNN's CPU kernels, in
+    float32 its ``-rowsum(dO * O)`` is subtracted by oneDNN's fused product
+    (:func:`_fuses`, :func:`_product_less`). Keras' torch backend: a
     ``torch.autograd.Function`` with the same math that reuses its buffers
     in place (``_pam_torch``), as ``keras.ops`` cannot, and on the CPU keeps
     exp's argument above ``-50`` (subnormal numbers, as ``danet_torch``).
@@ -345,8 +345,8 @@ def _blocks_backward(q, k, v, out, lse, dout, rows):
     ``dK``/``dV`` rows are dropped and whose ``dS K`` is 0), where
     ``Q K_j^T - lse`` alone could overflow.
 
-    ``-rowsum(dO * O)`` is subtracted from the product ``dO V_j^T``, on
-    TensorFlow in float32 by the product itself (:func:`_product_less`); as
+    ``-rowsum(dO * O)`` is subtracted from the product ``dO V_j^T``, where
+    :func:`_fuses` by the product itself (:func:`_product_less`); as
     an extra column of ``dO`` against ones in V it would make that product
     513 columns wide for 512 channels, which measured no faster on
     TensorFlow.

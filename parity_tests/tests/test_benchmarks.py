@@ -82,11 +82,32 @@ def test_torch_pam_benchmark_core_cases_run():
     _check_cases("torch", "core")
 
 
-@pytest.mark.parametrize("script", ["danet_step_benchmark.py", "tolerance_measure.py", "pam_gpu_kernels.py"])
+@pytest.mark.parametrize("script", ["danet_step_benchmark.py", "tolerance_measure.py", "pam_gpu_kernels.py",
+                                    "tf_pam_ops.py"])
 def test_other_benchmarks_parse_their_options(script):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.keras
+def test_tf_pam_ops_runs():
+    """``tf_pam_ops.py`` at a small size: the official path and the blocks, each with its operations' times."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf_pam_ops.py measures Keras on TensorFlow")
+    spec = importlib.util.spec_from_file_location("tf_pam_ops", BENCHMARKS / "tf_pam_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert module.main(["--size", "6", "--channels", "32", "--backward-rows", "10", "--calls", "1",
+                            "--top", "99"]) == 0
+    lines = printed.getvalue().splitlines()
+    assert lines[0].startswith("official: ") and "(1.000x)" in lines[0], lines
+    assert any(line.startswith("blocks, backward rows 10: ") for line in lines), lines
+    assert any("Exp" in line for line in lines), lines  # the blocks' recomputed attention, among their operations
 
 
 def test_tf32x3_candidate_parts_add_up_to_the_attention():

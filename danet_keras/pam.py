@@ -70,6 +70,7 @@ import warnings
 import keras
 from keras import ops
 
+from ._checks import check_positive_int
 from .layers import backend_result_type, row_max
 
 __all__ = [
@@ -266,7 +267,7 @@ def _scan(step, carry, xs, ys_dtypes):
         return ops.scan(step, carry, xs)
     import tensorflow as tf
 
-    n = xs[0].shape[0] if isinstance(xs[0].shape[0], int) else tf.shape(xs[0])[0]  # static where known
+    n = tf.shape(xs[0])[0]
     arrays = tuple(tf.TensorArray(dtype, size=n) for dtype in ys_dtypes)
 
     def body(i, carry, arrays):
@@ -401,8 +402,10 @@ def position_attention_blocks(q, k, v, rows=None, backward_rows=None):
         ``(B, N, C)``.
     """
     b, n = _sizes(q)
+    rows, backward_rows = (None if r is None else check_positive_int(name, r)
+                           for name, r in (("rows", rows), ("backward_rows", backward_rows)))
     if isinstance(n, int):
-        rows, backward_rows = (None if r is None else max(1, min(int(r), n)) for r in (rows, backward_rows))
+        rows, backward_rows = (None if r is None else min(r, max(1, n)) for r in (rows, backward_rows))
     if backward_rows is None:
         if rows is not None:
             backward_rows = rows

@@ -621,6 +621,14 @@ def test_blocks_rows_per_pass(given, expected, monkeypatch):
     assert seen == [expected]
 
 
+@pytest.mark.parametrize("given, name", [({"rows": 0}, "rows"), ({"backward_rows": -3}, "backward_rows"),
+                                         ({"rows": 2.5}, "rows"), ({"backward_rows": True}, "backward_rows")])
+def test_bad_block_rows_are_refused(given, name):
+    q = np.zeros((1, 12, 2), "float32")
+    with pytest.raises(ValueError, match=f"`{name}` must be an int >= 1, got {given[name]!r}"):
+        pam.position_attention_blocks(q, q, np.zeros((1, 12, 3), "float32"), **given)
+
+
 @pytest.mark.skipif(BACKEND == "torch", reason="Keras' torch backend runs its own blocks, one size for both passes")
 def test_each_pass_runs_its_own_rows(rng, monkeypatch):
     """``rows`` reach the forward pass's blocks and ``backward_rows`` the backward pass's, through the custom

@@ -257,7 +257,7 @@ def main(argv=None) -> int:
                    help="override BLOCK_ELEMENTS (attention elements per block) of the efficient path")
     p.add_argument("--tf-backward-block-elements", type=int, default=None,
                    help="override danet_keras.pam's TF_BACKWARD_BLOCK_ELEMENTS (Keras on TensorFlow: attention "
-                        "elements per block of keys of the backward pass)")
+                        "elements per block of queries of the backward pass)")
     p.add_argument("--xla-blocks", nargs=2, type=int, default=None, metavar=("ELEMENTS", "SPLITS"),
                    help="override danet_keras._pam_xla's ELEMENTS and SPLITS (Keras on JAX, float32 on a GPU)")
     p.add_argument("--json", default=None)

@@ -13,23 +13,23 @@
     backward pass runs over blocks of keys, recomputes each block's
     attention ``P`` from them and computes ``dV = P^T dO``,
     ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK = dS^T Q``
-    (flash attention's backward). A block has
-    ``B * rows * N <= BLOCK_ELEMENTS`` attention elements (the same rule
-    and value as ``danet_torch``; TensorFlow's blocks of keys up to 4x
-    larger, ``TF_BACKWARD_BLOCK_ELEMENTS``, in at least
+    (flash attention's backward). TensorFlow runs every elementwise
+    operation as a pass of its own over the tile, so its backward pass runs
+    blocks of queries instead, whose attention is recomputed with the
+    forward pass's softmax, one pass (no log-sum-exp kept), and, with
+    oneDNN's CPU kernels, in float32 its ``-rowsum(dO * O)`` is subtracted
+    by oneDNN's fused product (:func:`_fuses`, :func:`_product_less`). A
+    block has ``B * rows * N <= BLOCK_ELEMENTS`` attention elements (the
+    same rule and value as ``danet_torch``; TensorFlow's backward blocks up
+    to 4x larger, ``TF_BACKWARD_BLOCK_ELEMENTS``, in at least
     ``TF_BACKWARD_MIN_BLOCKS``: its CPU products ran faster on them where
     measured), the rows spread evenly over the blocks
     (the last block is padded with zero rows, which cost as much as real
-    ones). In float16/bfloat16, energies, softmax statistics and the ``dQ``
-    sum are float32; the products with V and dO run in the input dtype.
-    TensorFlow and JAX: one ``keras.ops`` implementation under
+    ones). In float16/bfloat16, energies, softmax statistics and the sums
+    over blocks are float32; the products with V and dO run in the input
+    dtype. TensorFlow and JAX: one ``keras.ops`` implementation under
     ``keras.ops.custom_gradient``, the blocks in a ``scan`` (one block live
-    at a time, XLA and TensorFlow graphs included). TensorFlow runs every
-    elementwise operation as a pass of its own over the tile, so there, in
-    float32/float64, the backward pass's ``-lse`` rides in a product as an
-    extra column (:func:`_folds`) and, with oneDNN's CPU kernels, in
-    float32 its ``-rowsum(dO * O)`` is subtracted by oneDNN's fused product
-    (:func:`_fuses`, :func:`_product_less`). Keras' torch backend: a
+    at a time, XLA and TensorFlow graphs included). Keras' torch backend: a
     ``torch.autograd.Function`` with the same math that reuses its buffers
     in place (``_pam_torch``), as ``keras.ops`` cannot, and on the CPU keeps
     exp's argument above ``-50`` (subnormal numbers, as ``danet_torch``).
@@ -94,10 +94,11 @@ PAM_PATHS = ("auto", "official", "efficient")
 # Attention elements per block of queries or keys, B * rows * N (16 MiB in
 # float32); danet_torch.pam uses the same rule and value.
 BLOCK_ELEMENTS = 1 << 22
-# On TensorFlow, per block of keys of the backward pass (64 MiB in float32),
-# in at least TF_BACKWARD_MIN_BLOCKS blocks: its oneDNN CPU products ran
-# faster on larger tiles where measured, and at most a sixth of the keys per
-# block keeps smaller maps in several blocks (docs/BENCHMARKS.md).
+# On TensorFlow, per block of queries of the backward pass (64 MiB in
+# float32), in at least TF_BACKWARD_MIN_BLOCKS blocks: its oneDNN CPU
+# products ran faster on larger tiles where measured, and at most a sixth of
+# the queries per block keeps smaller maps in several blocks
+# (docs/BENCHMARKS.md).
 TF_BACKWARD_BLOCK_ELEMENTS = 1 << 24
 TF_BACKWARD_MIN_BLOCKS = 6
 
@@ -158,34 +159,17 @@ def block_rows(batch, n, elements=None):
 
 
 def _tf_backward_rows(batch, n):
-    """Keys per block of TensorFlow's backward pass: ``B * rows * N`` at most
-    :data:`TF_BACKWARD_BLOCK_ELEMENTS` and ``rows`` at most ``N /``
+    """Queries per block of TensorFlow's backward pass: ``B * rows * N`` at
+    most :data:`TF_BACKWARD_BLOCK_ELEMENTS` and ``rows`` at most ``N /``
     :data:`TF_BACKWARD_MIN_BLOCKS`, but never fewer than :func:`block_rows`;
-    spread evenly. At B = 1: 1536 keys (6 blocks) at ``N = 9216``, 1024 (4,
-    the forward pass's rule) at ``N = 4096``, 1024 (16) at ``N = 16384``.
+    spread evenly. At B = 1: 1536 (6 blocks) at ``N = 9216``, 1024 (4, the
+    forward pass's rule) at ``N = 4096``, 1024 (16) at ``N = 16384``.
     """
     sixth = (n + TF_BACKWARD_MIN_BLOCKS - 1) // TF_BACKWARD_MIN_BLOCKS
     most, least = block_rows(batch, n, TF_BACKWARD_BLOCK_ELEMENTS), block_rows(batch, n)
     if isinstance(most, int) and isinstance(n, int):
         return _even_rows(max(least, min(most, sixth)), n)
     return _even_rows(ops.maximum(least, ops.minimum(most, sixth)), n)
-
-
-def _folds(dtype) -> bool:
-    """Whether the blocks' backward pass folds ``-lse`` into a product: on TensorFlow, float32/float64 inputs.
-
-    TensorFlow runs every elementwise operation as its own pass over a
-    ``(B, N, rows)`` tile; ``-lse`` carried as an extra column of the
-    queries against a column of ones in the keys
-    (``[Q, -lse] [K_j, 1]^T = Q K_j^T - lse``) costs the product one term
-    and saves two passes (the subtraction, and the ``min`` that guards the
-    appended keys). XLA (JAX) fuses those operations into one pass anyway,
-    and there, with float16/bfloat16 inputs, the concatenation made the GPU
-    compiler fail (jax 0.11, "Reshape input and output shapes must be the
-    same"), which is why half inputs never fold, also on TensorFlow (whose
-    ``jit_compile`` is XLA too).
-    """
-    return keras.backend.backend() == "tensorflow" and keras.backend.standardize_dtype(dtype) in ("float32", "float64")
 
 
 def _even_rows(rows, n):
@@ -278,22 +262,40 @@ def _scan(step, carry, xs, ys_dtypes):
     return carry, tuple(a.stack() for a in arrays)
 
 
+def _keeps_lse() -> bool:
+    """Whether the backward pass runs blocks of keys from the forward pass's log-sum-exp (everywhere but TensorFlow).
+
+    TensorFlow's backward pass runs blocks of queries instead
+    (:func:`_query_blocks_backward`), which recompute each block's
+    attention with the softmax the forward pass used and need no
+    statistics: there the forward pass is inference's, nothing more.
+    """
+    return keras.backend.backend() != "tensorflow"
+
+
 def _blocks_forward(q, k, v, rows):
-    """``(out (B, N, C), lse (B, N, 1))``, one block of ``rows`` queries at a time."""
+    """``(out (B, N, C), lse (B, N, 1) or None)``, one block of ``rows`` queries at a time.
+
+    ``lse`` where the backward pass runs blocks of keys (:func:`_keeps_lse`).
+    """
     b, n = _sizes(q)
     stat, dtype = backend_result_type(q.dtype), v.dtype
     ks = ops.cast(k, stat)
+    keep = _keeps_lse()
 
     def step(carry, x):
         energy = ops.einsum("brc,bnc->brn", x[0], ks)  # (B, rows, N), float32 (float64 stays)
         p = softmax(energy, axis=-1)
+        out = ops.cast(ops.einsum("brn,bnc->brc", ops.cast(p, dtype), v), dtype)
+        if not keep:
+            return carry, (out,)
         # log-sum-exp = max(E) + log(sum(exp(E - max))) = max(E) - log(max(P)): two reductions, no tile.
-        lse = row_max(energy) - ops.log(row_max(p))
-        return carry, (ops.cast(ops.einsum("brn,bnc->brc", ops.cast(p, dtype), v), dtype), lse)
+        return carry, (out, row_max(energy) - ops.log(row_max(p)))
 
     blocks = (n + rows - 1) // rows
-    _, (out, lse) = _scan(step, ops.zeros((), stat), (_split(ops.cast(q, stat), blocks, rows),), (dtype, stat))
-    return _merge(out, n), _merge(lse, n)
+    _, ys = _scan(step, ops.zeros((), stat), (_split(ops.cast(q, stat), blocks, rows),),
+                  (dtype, stat) if keep else (dtype,))
+    return _merge(ys[0], n), _merge(ys[1], n) if keep else None
 
 
 def _fuses(dtype) -> bool:
@@ -318,7 +320,7 @@ def _fuses(dtype) -> bool:
 
 
 def _product_less(a, b_half, c):
-    """``a (2 b_half)^T - c`` as one TensorFlow product: ``(B, N, C), (B, rows, C), (B, N, 1) -> (B, N, rows)``.
+    """``a (2 b_half)^T - c`` as one TensorFlow product: ``(B, M, C), (B, L, C), (B, M, 1) -> (B, M, L)``.
 
     Grappler replaces ``BatchMatMulV2 -> Mul by a scalar -> AddV2`` on
     rank-4 tensors by oneDNN's ``_MklFusedBatchMatMulV2``, which scales and
@@ -330,73 +332,122 @@ def _product_less(a, b_half, c):
     """
     import tensorflow as tf
 
-    product = tf.matmul(a[:, None], b_half[:, None], adjoint_b=True)  # (B, 1, N, rows)
+    product = tf.matmul(a[:, None], b_half[:, None], adjoint_b=True)  # (B, 1, M, L)
     return (product * tf.constant(2.0, product.dtype) + (-c)[:, None])[:, 0]
 
 
 def _blocks_backward(q, k, v, out, lse, dout, rows):
+    """``(dq, dk, dv)`` recomputed block by block: of ``rows`` queries on TensorFlow, of ``rows`` keys elsewhere."""
+    if _keeps_lse():
+        return _key_blocks_backward(q, k, v, out, lse, dout, rows)
+    return _query_blocks_backward(q, k, v, out, dout, rows)
+
+
+def _key_blocks_backward(q, k, v, out, lse, dout, rows):
     """``(dq, dk, dv)`` recomputed from ``(q, k, v, out, lse)``, one block of ``rows`` keys at a time.
 
     Blocks of keys make ``dV_j = P_j^T dO`` and ``dK_j = dS_j^T Q`` sums over
     all ``N`` queries (one large product each) and leave only the narrow
-    ``dQ`` (``C'`` columns) to accumulate. ``P_j = exp(Q K_j^T - lse)``:
-    where ``-lse`` folds (:func:`_folds`), ``exp([Q, -lse] [K_j, 1]^T)``,
-    else ``exp(min(Q K_j^T - lse, 0))``. Both are 1 on the keys appended to
-    fill the last block (zero rows of K, of the ones and of V, whose
-    ``dK``/``dV`` rows are dropped and whose ``dS K`` is 0), where
-    ``Q K_j^T - lse`` alone could overflow.
-
-    ``-rowsum(dO * O)`` is subtracted from the product ``dO V_j^T``, where
-    :func:`_fuses` by the product itself (:func:`_product_less`); as
-    an extra column of ``dO`` against ones in V it would make that product
-    513 columns wide for 512 channels, which measured no faster on
-    TensorFlow.
+    ``dQ`` (``C'`` columns) to accumulate. ``P_j = exp(min(Q K_j^T - lse,
+    0))``: the ``min`` makes it 1 on the keys appended to fill the last
+    block (zero rows of K and V, whose ``dK``/``dV`` rows are dropped and
+    whose ``dS K`` is 0), where ``Q K_j^T - lse`` alone could overflow. XLA
+    fuses the subtraction, the ``min`` and ``exp`` into one pass.
     """
     b, n = _sizes(q)
     stat, dtype = backend_result_type(q.dtype), q.dtype
     dout = ops.cast(dout, dtype)
     delta = ops.sum(ops.cast(dout, stat) * ops.cast(out, stat), axis=-1, keepdims=True)  # rowsum(dO * O)
-    qs, ks = ops.cast(q, stat), ops.cast(k, stat)
-    fold = _folds(dtype)
-    if fold:
-        qs = ops.concatenate([qs, -lse], axis=-1)  # [Q, -lse] (B, N, C' + 1)
-        ks = ops.concatenate([ks, ops.ones_like(ks[..., :1])], axis=-1)  # [K, 1]
-    fuse = _fuses(dtype)
+    qs = ops.cast(q, stat)
     blocks = (n + rows - 1) // rows
-    xs = (_split(ks, blocks, rows),  # (blocks, B, rows, C' (+ 1))
-          _split(v * 0.5 if fuse else v, blocks, rows))  # (blocks, B, rows, C), halved for _product_less
-    cq = q.shape[-1]
+    xs = (_split(k, blocks, rows), _split(v, blocks, rows))  # (blocks, B, rows, C'), (blocks, B, rows, C)
 
     def step(dq, x):
-        ks, vb = x
-        kb = ops.cast(ks[..., :cq], dtype)  # k's own values (the float32 copy of a half k is exact)
-        energy = ops.einsum("bnc,bjc->bnj", qs, ks)  # (B, N, rows): Q K_j^T, less lse where it folds
-        p = ops.exp(energy if fold else ops.minimum(energy - lse, 0.0))  # P_j
+        kb, vb = x
+        energy = ops.einsum("bnc,bjc->bnj", qs, ops.cast(kb, stat))  # (B, N, rows): Q K_j^T
+        p = ops.exp(ops.minimum(energy - lse, 0.0))  # P_j
         dv = ops.einsum("bnj,bnc->bjc", ops.cast(p, dtype), dout)  # P^T dO
-        if fuse:
-            dp = _product_less(dout, vb, delta)  # dO V^T - delta
-        else:
-            dp = ops.cast(ops.einsum("bnc,bjc->bnj", dout, vb), stat) - delta
+        dp = ops.cast(ops.einsum("bnc,bjc->bnj", dout, vb), stat) - delta
         ds = ops.cast(p * dp, dtype)  # P (dO V^T - delta)
         dk = ops.einsum("bnj,bnc->bjc", ds, q)  # dS^T Q
         return dq + ops.cast(ops.einsum("bnj,bjc->bnc", ds, kb), stat), (dk, dv)  # dQ += dS K
 
-    dq, (dk, dv) = _scan(step, ops.zeros((b, n, cq), stat), xs, (k.dtype, v.dtype))
+    dq, (dk, dv) = _scan(step, ops.zeros((b, n, q.shape[-1]), stat), xs, (k.dtype, v.dtype))
     return ops.cast(dq, q.dtype), _merge(dk, n), _merge(dv, n)
 
 
+def _after(x, *tensors):
+    """``x``, in a TensorFlow graph not before ``tensors`` are computed (elsewhere ``x`` as it is).
+
+    TensorFlow's executor runs the operations that are ready in any order,
+    on several threads: which tiles are alive together, and so the peak
+    memory, changed from call to call until the order was fixed.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return x
+    import tensorflow as tf
+
+    with tf.control_dependencies(tensors):
+        return tf.identity(x)
+
+
+def _query_blocks_backward(q, k, v, out, dout, rows):
+    """``(dq, dk, dv)`` recomputed from ``(q, k, v, out)``, one block of ``rows`` queries at a time (TensorFlow).
+
+    Each block's attention ``P_i = softmax(Q_i K^T)`` is recomputed with the
+    forward pass's own operation: a full row of keys needs no log-sum-exp,
+    and TensorFlow's softmax (oneDNN's on the CPU) is one pass where
+    ``exp(E - lse)`` costs two of TensorFlow's, which runs every
+    elementwise operation as a pass of its own over the tile.
+    ``dQ_i = dS_i K`` is the block's own; ``dV += P_i^T dO_i`` and
+    ``dK += dS_i^T Q_i`` accumulate over the blocks. The queries appended to
+    fill the last block (zero rows of Q and dO, ``rowsum(dO * O)`` 0) get
+    ``dS = 0``: nothing reaches ``dK`` or ``dV``.
+
+    ``dO_i V^T - rowsum(dO_i * O_i)``: where :func:`_fuses`, one product
+    that subtracts as it writes (:func:`_product_less`, V halved).
+    """
+    b, n = _sizes(q)
+    stat, dtype = backend_result_type(q.dtype), q.dtype
+    dout = ops.cast(dout, dtype)
+    delta = ops.sum(ops.cast(dout, stat) * ops.cast(out, stat), axis=-1, keepdims=True)  # rowsum(dO * O)
+    ks = ops.cast(k, stat)
+    fuse = _fuses(dtype)
+    vs = v * 0.5 if fuse else v  # halved for _product_less
+    blocks = (n + rows - 1) // rows
+    xs = tuple(_split(t, blocks, rows) for t in (q, dout, delta))  # (blocks, B, rows, ...)
+
+    def step(carry, x):
+        dk, dv = carry
+        qb, dob, db = x
+        p = softmax(ops.einsum("brc,bnc->brn", ops.cast(qb, stat), ks), axis=-1)  # P_i (B, rows, N)
+        dv = dv + ops.cast(ops.einsum("brn,brc->bnc", ops.cast(p, dtype), dob), stat)  # dV += P_i^T dO_i
+        dob = _after(dob, dv)  # dP_i's tile once P_i^T dO_i is done: dS_i then overwrites P_i or dP_i
+        if fuse:
+            dp = _product_less(dob, vs, db)  # dO_i V^T - delta_i
+        else:
+            dp = ops.cast(ops.einsum("brc,bnc->brn", dob, vs), stat) - db
+        ds = ops.cast(p * dp, dtype)  # dS_i = P_i (dO_i V^T - delta_i)
+        dk = dk + ops.cast(ops.einsum("brn,brc->bnc", ds, qb), stat)  # dK += dS_i^T Q_i
+        return (dk, dv), (ops.einsum("brn,bnc->brc", ds, k),)  # dQ_i = dS_i K
+
+    zeros = tuple(ops.zeros_like(t, dtype=stat) for t in (k, v))
+    (dk, dv), (dq,) = _scan(step, zeros, xs, (q.dtype,))
+    return _merge(dq, n), ops.cast(dk, k.dtype), ops.cast(dv, v.dtype)
+
+
 def position_attention_blocks(q, k, v, rows=None, backward_rows=None):
-    """The official function over blocks of ``rows`` queries, and in the backward pass of ``backward_rows`` keys.
+    """The official function over blocks of ``rows`` queries; the backward pass over blocks of ``backward_rows``.
 
     Args:
         q, k: ``(B, N, C')``. v: ``(B, N, C)``.
         rows: Queries per block of the forward pass (default:
             :func:`block_rows` rows at most, spread evenly over the blocks,
             so that the last block is (nearly) full).
-        backward_rows: Keys per block of the backward pass (default: ``rows``
-            where it is given, else the same rule; on TensorFlow
-            :func:`_tf_backward_rows`). Keras' torch backend uses ``rows``
-            for both.
+        backward_rows: Keys per block of the backward pass, queries on
+            TensorFlow (default: ``rows`` where it is given, else the same
+            rule; on TensorFlow :func:`_tf_backward_rows`). Keras' torch
+            backend uses ``rows`` for both.
 
     Returns:
         ``(B, N, C)``.

@@ -404,7 +404,7 @@ def _check_layer_gradients(label, layers, x, weight, dtype):
 @pytest.mark.parametrize("hw", [(33, 35), (9, 7), (1, 1)])
 def test_layer_efficient_equals_official_for_every_gradient(hw, dtype, rng, monkeypatch):
     monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 150 * hw[0] * hw[1])  # 8 blocks, the last one partial, at 33x35
-    # TensorFlow's backward pass: 4 blocks of keys, the last one partial, at 33x35
+    # TensorFlow's backward pass: 4 blocks of queries, the last one partial, at 33x35
     monkeypatch.setattr(pam, "TF_BACKWARD_BLOCK_ELEMENTS", 2 * 350 * hw[0] * hw[1])
     monkeypatch.setattr(pam, "TF_BACKWARD_MIN_BLOCKS", 2)
     x = rng.normal(0, 0.5, (2, *hw, 16)).astype(dtype)
@@ -416,7 +416,7 @@ def test_layer_efficient_equals_official_for_every_gradient(hw, dtype, rng, monk
 
 def test_none_spatial_sizes_in_a_functional_model(rng, monkeypatch):
     monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 40 * 13 * 11)
-    monkeypatch.setattr(pam, "TF_BACKWARD_BLOCK_ELEMENTS", 2 * 60 * 13 * 11)  # 3 blocks of keys at 13x11
+    monkeypatch.setattr(pam, "TF_BACKWARD_BLOCK_ELEMENTS", 2 * 60 * 13 * 11)  # 3 backward blocks at 13x11
     monkeypatch.setattr(pam, "TF_BACKWARD_MIN_BLOCKS", 2)
     models = {}
     for path in ("official", "efficient"):
@@ -439,7 +439,7 @@ def test_tensorflow_graph_with_unknown_sizes(spatial, blocks_expected, rng, monk
     import tensorflow as tf
 
     monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 40 * 13 * 11)  # several blocks at batch 2
-    monkeypatch.setattr(pam, "TF_BACKWARD_BLOCK_ELEMENTS", 2 * 60 * 13 * 11)  # fewer, larger blocks of keys
+    monkeypatch.setattr(pam, "TF_BACKWARD_BLOCK_ELEMENTS", 2 * 60 * 13 * 11)  # fewer, larger backward blocks
     monkeypatch.setattr(pam, "TF_BACKWARD_MIN_BLOCKS", 2)
     calls = []
     blocks = pam.position_attention_blocks
@@ -629,6 +629,32 @@ def test_bad_block_rows_are_refused(given, name):
         pam.position_attention_blocks(q, q, np.zeros((1, 12, 3), "float32"), **given)
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras' torch backend runs its own blocks (_pam_torch)")
+@pytest.mark.parametrize("blocking", ["keys", "queries"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_either_backward_blocking_against_float64(blocking, dtype, rng):
+    """Both backward passes on this backend, called directly: blocks of keys from the log-sum-exp (JAX's) and
+    blocks of queries that recompute their softmax (TensorFlow's); 3 blocks, the last one partial. dQ, dK, dV
+    of ``sum(y * weight)`` against float64 NumPy."""
+    q, k = (rng.normal(0, 0.7, (2, 50, 4)) for _ in range(2))
+    v, weight = (rng.standard_normal((2, 50, 12)) for _ in range(2))
+    energy = np.einsum("bnc,bmc->bnm", q, k)
+    peak = energy.max(-1, keepdims=True)
+    lse = peak + np.log(np.exp(energy - peak).sum(-1, keepdims=True))
+    out = ref.position_attention_core(q, k, v)
+    expected = ref.position_attention_core_grads(q, k, v, weight)
+    with _dtype_enabled(dtype):
+        q, k, v, weight, out, lse = (keras.ops.convert_to_tensor(t.astype(dtype)) for t in (q, k, v, weight, out, lse))
+        if blocking == "keys":
+            got = pam._key_blocks_backward(q, k, v, out, lse, weight, 18)
+        else:
+            got = pam._query_blocks_backward(q, k, v, out, weight, 18)
+        got = [keras.ops.convert_to_numpy(g) for g in got]
+    for name, g, want in zip(("dq", "dk", "dv"), got, expected):
+        assert g.dtype == np.dtype(dtype), name
+        check(f"backward over blocks of {blocking}, {dtype}, {name}", g, want, dtype, "grad")
+
+
 @pytest.mark.skipif(BACKEND == "torch", reason="Keras' torch backend runs its own blocks, one size for both passes")
 def test_each_pass_runs_its_own_rows(rng, monkeypatch):
     """``rows`` reach the forward pass's blocks and ``backward_rows`` the backward pass's, through the custom
@@ -694,7 +720,8 @@ def test_tensorflow_product_less_in_a_graph(batch, rng):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_tensorflow_traced_blocks_against_float64(dtype, rng):
     """The blocks' value and gradients in a ``tf.function`` (Grappler's rewrites: the fused product, the folded
-    transposes), 5 blocks of queries and 3 of keys, both with a partial last block; against float64 NumPy."""
+    transposes), 5 blocks of queries forward and 3 backward, both with a partial last block; against float64
+    NumPy."""
     import tensorflow as tf
 
     q, k = (rng.normal(0, 0.7, (2, 123, 8)) for _ in range(2))

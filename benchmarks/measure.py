@@ -20,7 +20,7 @@ import sys
 import time
 
 __all__ = ["PATHS", "CpuMemory", "TensorFlowMemory", "TorchCudaMemory", "JaxGpuMemory", "keras_memory", "processes",
-           "time_calls", "run_pairs", "machine"]
+           "time_calls", "run_pairs", "paired_ratio", "machine"]
 
 PATHS = ("official", "efficient")
 
@@ -136,11 +136,14 @@ def time_calls(run, calls: int) -> float:
 def run_pairs(script: str, case_args: list[str], repeats: int) -> dict:
     """Run ``script --one-case PATH ...`` in fresh processes, official and efficient alternating.
 
-    Returns ``{path: {"ms", "peak_mib", "versions"}}`` with medians over ``repeats``.
+    Returns ``{path: {"ms", "peak_mib", "error"}, "versions", "paired_ratio"}``: medians over
+    ``repeats``, and :func:`paired_ratio` of the repeats where both paths ran.
     """
     results = {p: [] for p in PATHS}
+    pairs = []
     errors, versions = {}, ""
     for rep in range(repeats):
+        times = {}
         for path in (PATHS if rep % 2 == 0 else PATHS[::-1]):
             proc = subprocess.run([sys.executable, script, "--one-case", path] + case_args,
                                   capture_output=True, text=True)
@@ -151,14 +154,29 @@ def run_pairs(script: str, case_args: list[str], repeats: int) -> dict:
             row = json.loads(line[0][7:])
             versions = row.pop("versions")
             results[path].append(row)
+            times[path] = row["ms"]
             print(f"# {path} {case_args}: {row}", file=sys.stderr, flush=True)
-    out = {"versions": versions}
+        if len(times) == len(PATHS):
+            pairs.append((times["official"], times["efficient"]))
+    out = {"versions": versions, "paired_ratio": paired_ratio(pairs)}
     for path in PATHS:
         rows = results[path]
         out[path] = {"ms": statistics.median(r["ms"] for r in rows) if rows else float("nan"),
                      "peak_mib": statistics.median(r["peak_mib"] for r in rows) if rows else float("nan"),
                      "error": errors.get(path, "")}
     return out
+
+
+def paired_ratio(pairs) -> float:
+    """The median over ``(official_ms, efficient_ms)`` pairs of ``efficient / official``.
+
+    Each pair's processes ran one after the other, so a drift of the
+    machine's speed over a run (a shared machine's neighbours) reaches both
+    alike; the quotient of the two paths' medians mixes processes from
+    different moments. NaN without pairs.
+    """
+    ratios = [e / o for o, e in pairs if o > 0]
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 def machine() -> str:

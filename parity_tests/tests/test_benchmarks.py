@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 pytestmark = pytest.mark.skipif(not BENCHMARKS.exists(), reason="benchmarks/ not present (installed package)")
 FIELDS = {"size", "N", "dtype", "mode", "official_ms", "official_mib", "efficient_ms", "efficient_mib",
-          "time_ratio", "memory_ratio", "error"}
+          "time_ratio", "paired_time_ratio", "memory_ratio", "error"}
 
 
 def _pam_rows(tmp_path, framework: str) -> list:
@@ -39,6 +40,19 @@ def _check(rows):
         assert r["time_ratio"] == pytest.approx(r["efficient_ms"] / r["official_ms"], rel=1e-12), r
         if r["official_mib"] > 0:
             assert r["memory_ratio"] == pytest.approx(r["efficient_mib"] / r["official_mib"], rel=1e-12), r
+        # one repeat: its one pair's quotient is the medians' quotient
+        assert r["paired_time_ratio"] == pytest.approx(r["time_ratio"], rel=1e-12), r
+
+
+def test_paired_ratio_is_the_median_of_each_pairs_quotient():
+    spec = importlib.util.spec_from_file_location("measure", BENCHMARKS / "measure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # the machine slowed down during one efficient process: two pairs say 0.9x, the medians' quotient 2.0x
+    pairs = [(100.0, 90.0), (300.0, 270.0), (100.0, 200.0)]
+    assert module.paired_ratio(pairs) == pytest.approx(0.9, rel=1e-12)
+    assert module.paired_ratio([(10.0, 12.0), (10.0, 8.0), (10.0, 11.0)]) == pytest.approx(1.1, rel=1e-12)
+    assert math.isnan(module.paired_ratio([]))
 
 
 def test_torch_pam_benchmark_runs(tmp_path):
@@ -76,6 +90,31 @@ def test_keras_pam_benchmark_cases_run(part):
         _check_cases("keras", part)
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+@pytest.mark.keras
+def test_pam_benchmark_block_overrides_reach_the_blocks_and_the_heading(monkeypatch):
+    """``--block-elements`` and ``--tf-backward-block-elements`` set the Keras blocks' sizes in the measuring
+    process, and the table's heading names every override."""
+    import argparse
+
+    from danet_keras import pam
+
+    for name in ("BLOCK_ELEMENTS", "TF_BACKWARD_BLOCK_ELEMENTS"):
+        monkeypatch.setattr(pam, name, getattr(pam, name))  # restored after the test
+    spec = importlib.util.spec_from_file_location("pam_benchmark", BENCHMARKS / "pam_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert module.main(["--framework", "keras", "--part", "core", "--batch", "1", "--channels", "32",
+                            "--calls", "1", "--block-elements", "192", "--tf-backward-block-elements", "640",
+                            "--one-case", "efficient", "8", "float32", "fwd+bwd"]) == 0
+    assert (pam.BLOCK_ELEMENTS, pam.TF_BACKWARD_BLOCK_ELEMENTS) == (192, 640)
+    given = argparse.Namespace(block_elements=192, tf_backward_block_elements=640, xla_blocks=[1 << 20, 4])
+    assert module.overrides(given) == (", overriding BLOCK_ELEMENTS=192, TF_BACKWARD_BLOCK_ELEMENTS=640, "
+                                       "_pam_xla ELEMENTS=1048576, SPLITS=4")
+    assert module.overrides(argparse.Namespace(block_elements=None, tf_backward_block_elements=None,
+                                               xla_blocks=None)) == ""
 
 
 def test_torch_pam_benchmark_core_cases_run():

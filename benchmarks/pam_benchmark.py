@@ -4,9 +4,10 @@ Every measurement runs in a fresh process, and the two paths alternate
 (official, efficient, efficient, official, ...) ``--repeats`` times; the
 table gives the medians, their quotients, and the paired time ratio: the
 median over the repeats of each repeat's efficient / official time, which a
-drift of a shared machine's speed over the run reaches less. In each process the ``PositionAttention`` layer (C channels, C/8
-query/key channels, gamma 1) is built and run once at full size (warm-up:
-tracing and compiling included), then:
+drift of a shared machine's speed over the run reaches less. In each process
+the ``PositionAttention`` layer (C channels, C/8 query/key channels, gamma 1)
+is built and run once at full size (warm-up: tracing and compiling
+included), then:
 
 * peak memory: the first measured call's peak above the memory in use just
   before it. CPU: resident memory (``VmHWM`` after ``/proc/self/clear_refs``
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="torch only; Keras runs on its backend's default device (a GPU when there is one)")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 96], help="H = W of the feature map")
-    p.add_argument("--dtypes", nargs="+", default=["float32"])
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--channels", type=int, default=512)
@@ -277,6 +278,16 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--one-case", nargs=4, metavar=("PATH", "SIZE", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    least = {"--sizes": (1, args.sizes), "--batch": (1, [args.batch]), "--channels": (8, [args.channels]),
+             "--repeats": (1, [args.repeats]), "--calls": (1, [args.calls]),
+             "--block-elements": (1, [args.block_elements] if args.block_elements is not None else []),
+             "--tf-backward-block-elements": (1, [args.tf_backward_block_elements]
+                                              if args.tf_backward_block_elements is not None else []),
+             "--xla-blocks": (1, args.xla_blocks or [])}
+    for name, (low, values) in least.items():
+        if any(value < low for value in values):
+            why = " (the layer has C / 8 query/key channels)" if name == "--channels" else ""
+            p.error(f"{name} takes integers >= {low}{why}, got {values if len(values) > 1 else values[0]}")
     if args.one_case:
         args.path, size, args.dtype, args.mode = args.one_case
         args.size = int(size)

@@ -71,9 +71,11 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=7, help="timed runs per case, interleaved")
     p.add_argument("--top", type=int, default=10, help="kinds of operation listed per measurement")
     args = p.parse_args(argv)
-    for name, value in (("--size", args.size), ("--channels", args.channels), ("--calls", args.calls)):
-        if value < 1:
-            p.error(f"{name} must be a positive integer, got {value}")
+    for name, value, low in (("--size", args.size, 1), ("--channels", args.channels, 8), ("--calls", args.calls, 1),
+                             ("--top", args.top, 0)):
+        if value < low:
+            why = " (C / 8 query/key channels)" if name == "--channels" else ""
+            p.error(f"{name} must be an integer >= {low}{why}, got {value}")
     if any(r < 1 for r in args.backward_rows):
         p.error(f"--backward-rows must be positive integers, got {args.backward_rows}")
 

@@ -9,9 +9,10 @@
 
   - Blocks (any backend, any device), with a custom gradient: the forward
     pass runs over blocks of queries and keeps, per query row, only the
-    log-sum-exp of its energies besides Q, K, V and the output; the
-    backward pass runs over blocks of keys, recomputes each block's
-    attention ``P`` from them and computes ``dV = P^T dO``,
+    log-sum-exp of its energies besides Q, K, V and the output (on
+    TensorFlow not even that, below); the backward pass runs over blocks
+    of keys, recomputes each block's attention ``P`` from them and
+    computes ``dV = P^T dO``,
     ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = dS K``, ``dK = dS^T Q``
     (flash attention's backward). TensorFlow runs every elementwise
     operation as a pass of its own over the tile, so its backward pass runs
@@ -27,9 +28,11 @@
     (the last block is padded with zero rows, which cost as much as real
     ones). In float16/bfloat16, energies, softmax statistics and the sums
     over blocks are float32; the products with V and dO run in the input
-    dtype. TensorFlow and JAX: one ``keras.ops`` implementation under
-    ``keras.ops.custom_gradient``, the blocks in a ``scan`` (one block live
-    at a time, XLA and TensorFlow graphs included). Keras' torch backend: a
+    dtype. TensorFlow and JAX: ``keras.ops`` under
+    ``keras.ops.custom_gradient`` (one forward pass; the backward pass's
+    two forms, :func:`_key_blocks_backward` and
+    :func:`_query_blocks_backward`), the blocks in a ``scan`` (one block
+    live at a time, XLA and TensorFlow graphs included). Keras' torch backend: a
     ``torch.autograd.Function`` with the same math that reuses its buffers
     in place (``_pam_torch``), as ``keras.ops`` cannot, and on the CPU keeps
     exp's argument above ``-50`` (subnormal numbers, as ``danet_torch``).
@@ -180,8 +183,15 @@ def _even_rows(rows, n):
     that hold 9555 rows (3.7% more work), in blocks of 439 rows 9219.
     """
     n = max(1, n) if isinstance(n, int) else ops.maximum(1, n)  # N = 0 keeps one row
-    blocks = (n + rows - 1) // rows
+    blocks = _count(n, rows)
     return (n + blocks - 1) // blocks
+
+
+def _count(n, rows):
+    """Blocks of ``rows`` that hold ``n`` rows, one at least: an empty map (N = 0) runs one block of padding,
+    so that the blocks' outputs keep their rank (eager TensorFlow stacks zero blocks as a rank-1 tensor)."""
+    blocks = (n + rows - 1) // rows
+    return max(1, blocks) if isinstance(blocks, int) else ops.maximum(1, blocks)
 
 
 def softmax(x, axis=-1):
@@ -292,7 +302,7 @@ def _blocks_forward(q, k, v, rows):
         # log-sum-exp = max(E) + log(sum(exp(E - max))) = max(E) - log(max(P)): two reductions, no tile.
         return carry, (out, row_max(energy) - ops.log(row_max(p)))
 
-    blocks = (n + rows - 1) // rows
+    blocks = _count(n, rows)
     _, ys = _scan(step, ops.zeros((), stat), (_split(ops.cast(q, stat), blocks, rows),),
                   (dtype, stat) if keep else (dtype,))
     return _merge(ys[0], n), _merge(ys[1], n) if keep else None
@@ -349,17 +359,18 @@ def _key_blocks_backward(q, k, v, out, lse, dout, rows):
     Blocks of keys make ``dV_j = P_j^T dO`` and ``dK_j = dS_j^T Q`` sums over
     all ``N`` queries (one large product each) and leave only the narrow
     ``dQ`` (``C'`` columns) to accumulate. ``P_j = exp(min(Q K_j^T - lse,
-    0))``: the ``min`` makes it 1 on the keys appended to fill the last
-    block (zero rows of K and V, whose ``dK``/``dV`` rows are dropped and
-    whose ``dS K`` is 0), where ``Q K_j^T - lse`` alone could overflow. XLA
-    fuses the subtraction, the ``min`` and ``exp`` into one pass.
+    0))``: the ``min`` keeps it at most 1 on the keys appended to fill the
+    last block (zero rows of K and V, whose ``dK``/``dV`` rows are dropped
+    and whose ``dS K`` is 0), where ``Q K_j^T - lse = -lse`` alone could
+    overflow; on real keys it changes nothing but rounding. XLA fuses the
+    subtraction, the ``min`` and ``exp`` into one pass.
     """
     b, n = _sizes(q)
     stat, dtype = backend_result_type(q.dtype), q.dtype
     dout = ops.cast(dout, dtype)
     delta = ops.sum(ops.cast(dout, stat) * ops.cast(out, stat), axis=-1, keepdims=True)  # rowsum(dO * O)
     qs = ops.cast(q, stat)
-    blocks = (n + rows - 1) // rows
+    blocks = _count(n, rows)
     xs = (_split(k, blocks, rows), _split(v, blocks, rows))  # (blocks, B, rows, C'), (blocks, B, rows, C)
 
     def step(dq, x):
@@ -407,14 +418,14 @@ def _query_blocks_backward(q, k, v, out, dout, rows):
     ``dO_i V^T - rowsum(dO_i * O_i)``: where :func:`_fuses`, one product
     that subtracts as it writes (:func:`_product_less`, V halved).
     """
-    b, n = _sizes(q)
+    n = _sizes(q)[1]
     stat, dtype = backend_result_type(q.dtype), q.dtype
     dout = ops.cast(dout, dtype)
     delta = ops.sum(ops.cast(dout, stat) * ops.cast(out, stat), axis=-1, keepdims=True)  # rowsum(dO * O)
     ks = ops.cast(k, stat)
     fuse = _fuses(dtype)
     vs = v * 0.5 if fuse else v  # halved for _product_less
-    blocks = (n + rows - 1) // rows
+    blocks = _count(n, rows)
     xs = tuple(_split(t, blocks, rows) for t in (q, dout, delta))  # (blocks, B, rows, ...)
 
     def step(carry, x):

@@ -44,6 +44,27 @@ def _check(rows):
         assert r["paired_time_ratio"] == pytest.approx(r["time_ratio"], rel=1e-12), r
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    ("pam_benchmark.py", ["--block-elements", "-5"], "--block-elements takes integers >= 1, got -5"),
+    ("pam_benchmark.py", ["--tf-backward-block-elements", "0"], "--tf-backward-block-elements takes integers >= 1"),
+    ("pam_benchmark.py", ["--repeats", "0"], "--repeats takes integers >= 1, got 0"),
+    ("pam_benchmark.py", ["--calls", "0"], "--calls takes integers >= 1, got 0"),
+    ("pam_benchmark.py", ["--sizes", "8", "0"], "--sizes takes integers >= 1, got [8, 0]"),
+    ("pam_benchmark.py", ["--channels", "4"], "--channels takes integers >= 8"),
+    ("pam_benchmark.py", ["--dtypes", "float33"], "invalid choice: 'float33'"),
+    ("tf_pam_ops.py", ["--channels", "4"], "--channels must be an integer >= 8"),
+    ("tf_pam_ops.py", ["--top", "-1"], "--top must be an integer >= 0, got -1"),
+])
+def test_benchmarks_refuse_bad_arguments(script, argv, message, capsys):
+    spec = importlib.util.spec_from_file_location(script[:-3], BENCHMARKS / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_paired_ratio_is_the_median_of_each_pairs_quotient():
     spec = importlib.util.spec_from_file_location("measure", BENCHMARKS / "measure.py")
     module = importlib.util.module_from_spec(spec)

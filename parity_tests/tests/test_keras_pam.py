@@ -100,6 +100,17 @@ def test_half_precision_blocks_against_float64(dtype, rng):
         check(f"half blocks {dtype} {name}", g, e, dtype, "grad")
 
 
+@pytest.mark.parametrize("batch", [2, 0])
+def test_empty_map_through_the_blocks(batch):
+    """N = 0 (an empty feature map, eagerly): empty output and gradients of the official path's shapes and
+    dtypes, as for any N; the blocks run one block of padding."""
+    q, v = np.zeros((batch, 0, 4), "float32"), np.zeros((batch, 0, 6), "float32")
+    official = _core_grads(pam.position_attention_official, q, q, v, v)
+    blocks = _core_grads(pam.position_attention_blocks, q, q, v, v)
+    assert [(g.shape, g.dtype) for g in blocks] == [(g.shape, g.dtype) for g in official]
+    assert [g.shape for g in blocks] == [(batch, 0, 6), (batch, 0, 4), (batch, 0, 4), (batch, 0, 6)]
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_blocks_gradients_with_energies_far_below_zero(dtype, rng):
     """Every energy near -1000, so ``exp(-lse)`` overflows even float64: the keys appended to fill the last

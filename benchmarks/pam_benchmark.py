@@ -278,13 +278,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--one-case", nargs=4, metavar=("PATH", "SIZE", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    least = {"--sizes": (1, args.sizes), "--batch": (1, [args.batch]), "--channels": (8, [args.channels]),
-             "--repeats": (1, [args.repeats]), "--calls": (1, [args.calls]),
-             "--block-elements": (1, [args.block_elements] if args.block_elements is not None else []),
-             "--tf-backward-block-elements": (1, [args.tf_backward_block_elements]
-                                              if args.tf_backward_block_elements is not None else []),
-             "--xla-blocks": (1, args.xla_blocks or [])}
-    for name, (low, values) in least.items():
+    least = [("--sizes", args.sizes, 1), ("--batch", [args.batch], 1), ("--channels", [args.channels], 8),
+             ("--repeats", [args.repeats], 1), ("--calls", [args.calls], 1),
+             ("--block-elements", [args.block_elements], 1),
+             ("--tf-backward-block-elements", [args.tf_backward_block_elements], 1),
+             ("--xla-blocks", args.xla_blocks or [], 1)]
+    for name, values, low in least:
+        values = [value for value in values if value is not None]  # options not given
         if any(value < low for value in values):
             why = " (the layer has C / 8 query/key channels)" if name == "--channels" else ""
             p.error(f"{name} takes integers >= {low}{why}, got {values if len(values) > 1 else values[0]}")

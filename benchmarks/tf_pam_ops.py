@@ -22,9 +22,12 @@ import argparse
 import collections
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import paired_ratio  # noqa: E402
 
 
 def _kind(label: str) -> str:
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
     for (path, rows), (session, grads, feed), case_times in zip(cases, sessions, times):
         kinds = operation_times(tf, session, grads, feed)
         session.close()
-        ratio = statistics.median(t / o for t, o in zip(case_times, times[0]))
+        ratio = paired_ratio(zip(times[0], case_times))
         label = path if path == "official" else f"blocks, backward rows {rows or 'default'}"
         print(f"{label}: {statistics.median(case_times):.1f} ms ({ratio:.3f}x), "
               f"operations {sum(kinds.values()):.1f} ms")

@@ -346,6 +346,13 @@ def _product_less(a, b_half, c):
     return (product * tf.constant(2.0, product.dtype) + (-c)[:, None])[:, 0]
 
 
+def _dout_and_delta(out, dout, dtype):
+    """``dO`` in the inputs' ``dtype`` and ``rowsum(dO * O)`` ``(B, N, 1)`` in float32 (float64 stays)."""
+    stat = backend_result_type(dtype)
+    dout = ops.cast(dout, dtype)
+    return dout, ops.sum(ops.cast(dout, stat) * ops.cast(out, stat), axis=-1, keepdims=True)
+
+
 def _blocks_backward(q, k, v, out, lse, dout, rows):
     """``(dq, dk, dv)`` recomputed block by block: of ``rows`` queries on TensorFlow, of ``rows`` keys elsewhere."""
     if _keeps_lse():
@@ -367,8 +374,7 @@ def _key_blocks_backward(q, k, v, out, lse, dout, rows):
     """
     b, n = _sizes(q)
     stat, dtype = backend_result_type(q.dtype), q.dtype
-    dout = ops.cast(dout, dtype)
-    delta = ops.sum(ops.cast(dout, stat) * ops.cast(out, stat), axis=-1, keepdims=True)  # rowsum(dO * O)
+    dout, delta = _dout_and_delta(out, dout, dtype)
     qs = ops.cast(q, stat)
     blocks = _count(n, rows)
     xs = (_split(k, blocks, rows), _split(v, blocks, rows))  # (blocks, B, rows, C'), (blocks, B, rows, C)
@@ -420,8 +426,7 @@ def _query_blocks_backward(q, k, v, out, dout, rows):
     """
     n = _sizes(q)[1]
     stat, dtype = backend_result_type(q.dtype), q.dtype
-    dout = ops.cast(dout, dtype)
-    delta = ops.sum(ops.cast(dout, stat) * ops.cast(out, stat), axis=-1, keepdims=True)  # rowsum(dO * O)
+    dout, delta = _dout_and_delta(out, dout, dtype)
     ks = ops.cast(k, stat)
     fuse = _fuses(dtype)
     vs = v * 0.5 if fuse else v  # halved for _product_less

@@ -339,7 +339,7 @@ def main(argv=None) -> int:
     for r in rows:
         note = f" ({r['error']})" if r["error"] else ""
         print(f"| {r['size']} | {r['N']} | {r['dtype']} | {r['mode']} | {r['official_ms']:.1f} | "
-              f"{r['official_mib']:.0f} | {r['efficient_ms']:.1f} | {r['efficient_mib']:.0f} | "
+              f"{r['official_mib']:.1f} | {r['efficient_ms']:.1f} | {r['efficient_mib']:.1f} | "
               f"{r['time_ratio']:.2f} | {r['paired_time_ratio']:.2f} | {r['memory_ratio']:.3f}{note} |")
     if args.json:
         with open(args.json, "w") as fh:

@@ -32,10 +32,11 @@
     ``keras.ops.custom_gradient`` (one forward pass; the backward pass's
     two forms, :func:`_key_blocks_backward` and
     :func:`_query_blocks_backward`), the blocks in a ``scan`` (one block
-    live at a time, XLA and TensorFlow graphs included). Keras' torch backend: a
-    ``torch.autograd.Function`` with the same math that reuses its buffers
-    in place (``_pam_torch``), as ``keras.ops`` cannot, and on the CPU keeps
-    exp's argument above ``-50`` (subnormal numbers, as ``danet_torch``).
+    live at a time, XLA and TensorFlow graphs included). Keras' torch backend:
+    ``danet_torch``'s blocks (:func:`danet_torch.pam.position_attention_blocks`,
+    the same math in a ``torch.autograd.Function`` that reuses its buffers
+    in place, as ``keras.ops`` cannot, and on the CPU keeps exp's argument
+    above ``-50``) on ``(B, C, N)`` views of the tokens, no copy.
   - float16/bfloat16 on a GPU, torch backend:
     ``keras.ops.dot_product_attention(scale=1)`` with V split into heads of
     q/k's width that share q and k (flash/cuDNN kernels need one head size).
@@ -482,9 +483,13 @@ def position_attention_blocks(q, k, v, rows=None, backward_rows=None):
     if rows is None:
         rows = _even_rows(block_rows(b, n), n)
     if keras.backend.backend() == "torch":
-        from ._pam_torch import position_attention_blocks_torch
+        # Through keras.ops every step of every block would allocate a fresh (B, rows, N) tile and every dV/dK
+        # sum a fresh (B, N, C) tensor (torch runs them eagerly, with no in-place form); glibc's heap, holding
+        # those tiles between the blocks' small outputs, then grows resident memory far beyond one block.
+        from danet_torch.pam import position_attention_blocks as blocks_channels_first
 
-        return position_attention_blocks_torch(*(ops.convert_to_tensor(t) for t in (q, k, v)), rows)
+        q, k, v = (ops.convert_to_tensor(t).transpose(1, 2) for t in (q, k, v))
+        return blocks_channels_first(q, k, v, rows).transpose(1, 2)
     if keras.backend.backend() == "jax" and isinstance(n, int):
         return _jax_blocks_jit()(q, k, v, rows, backward_rows)
     return _attend_blocks(q, k, v, rows, backward_rows)

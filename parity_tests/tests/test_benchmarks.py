@@ -28,7 +28,11 @@ def _pam_rows(tmp_path, framework: str) -> list:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 8x8 | 64 | float32 | fwd |" in proc.stdout and "| 8x8 | 64 | float32 | fwd+bwd |" in proc.stdout
-    return json.loads(out.read_text())
+    rows = json.loads(out.read_text())
+    printed = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 8x8 |")]
+    for r, cells in zip(rows, printed, strict=True):  # the table's MiB: tenths (an 8x8 map peaks under 1 MiB)
+        assert [float(cells[i]) for i in (5, 7)] == pytest.approx([r["official_mib"], r["efficient_mib"]], abs=0.05)
+    return rows
 
 
 def _check(rows):

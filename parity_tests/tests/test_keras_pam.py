@@ -640,7 +640,7 @@ def test_bad_block_rows_are_refused(given, name):
         pam.position_attention_blocks(q, q, np.zeros((1, 12, 3), "float32"), **given)
 
 
-@pytest.mark.skipif(BACKEND == "torch", reason="Keras' torch backend runs its own blocks (_pam_torch)")
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras' torch backend runs danet_torch's blocks")
 @pytest.mark.parametrize("blocking", ["keys", "queries"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_either_backward_blocking_against_float64(blocking, dtype, rng):

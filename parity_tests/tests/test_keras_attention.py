@@ -7,6 +7,7 @@ Keras layers through the mirror rule (a torch key walked as attributes and
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ keras = pytest.importorskip("keras")
 import danet_keras as dk  # noqa: E402
 from danet_keras import pam  # noqa: E402
 from parity_tests import reference as ref  # noqa: E402
+from parity_tests.keras_grad import keras_loss_and_grads  # noqa: E402
 from parity_tests.tests.helpers import (check, dual_state_dict, head_state_dict, nchw, nhwc,  # noqa: E402
                                         pam_state_dict, set_torch_weights)
 from weights_convert.tolerances import compare, tolerance  # noqa: E402
@@ -114,6 +116,33 @@ def test_efficient_paths_equal_official(hw, rng, monkeypatch):
     assert (efficient.resolved_pam_path, official_layer.resolved_pam_path) == ("efficient", "official")
     check("PAM efficient vs official", keras.ops.convert_to_numpy(efficient(x)),
           keras.ops.convert_to_numpy(official_layer(x)))
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("kind", ["pam-official", "pam-efficient", "cam"])
+def test_gamma_gradient_under_mixed_precision(kind, policy, rng):
+    """``d sum(y) / d gamma = sum(out)``, a sum over every element of the attention's output, against float64
+    NumPy. Inputs and V's bias are positive, so the sum (~2e3) does not cancel: summed in the compute dtype
+    (float16's spacing is 2 there, bfloat16's 16) it lands far outside the half-precision tolerance."""
+    x = rng.uniform(0.5, 1.5, (2, 16, 37, 53))
+    sd = pam_state_dict(rng, 16)
+    sd["value_conv.bias"] = np.abs(sd["value_conv.bias"]) + 1.0
+    sd["gamma"] = np.array([0.5])
+    if kind == "cam":
+        layer, reference = dk.ChannelAttention(dtype=policy), lambda g: ref.channel_attention(x, g)
+    else:
+        layer = dk.PositionAttention(pam_path=kind.split("-")[1], dtype=policy)
+        reference = lambda g: ref.position_attention(x, *(sd[k] for k in (  # noqa: E731
+            "query_conv.weight", "query_conv.bias", "key_conv.weight", "key_conv.bias",
+            "value_conv.weight", "value_conv.bias")), g)
+    layer.build(nhwc(x).shape)
+    set_torch_weights(layer, {k: v for k, v in sd.items() if kind != "cam" or k == "gamma"})
+    x = x.astype(ml_dtypes.bfloat16 if policy == "mixed_bfloat16" else np.float16)  # as from a layer before it
+    _, _, grads = keras_loss_and_grads(layer, nhwc(x), [np.ones(nhwc(x).shape)])
+    expected = (reference(1.0) - x.astype(np.float64)).sum()  # gamma's coefficient in y
+    assert expected > 1e3
+    check(f"{kind} d/d gamma under {policy}", grads[id(layer.gamma)], np.array([expected]),
+          policy.split("_")[1], "grad")
 
 
 def test_bad_inputs_raise_clear_errors():

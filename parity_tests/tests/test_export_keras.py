@@ -8,9 +8,11 @@ must agree. Export tests need the TensorFlow backend and skip elsewhere;
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -168,6 +170,24 @@ def test_saved_model_needs_no_keras_code(tmp_path):
     with np.load(tmp_path / "y.npz") as z:
         got = [z[f"arr_{i}"] for i in range(3)]
     _check("SavedModel in a TensorFlow-only process", got, _outs(model(x)))
+
+
+@tf_only
+def test_docs_keras_export_example_runs_as_written(tmp_path):
+    """docs/EXPORT.md's Keras example, run as written; its SavedModel's outputs against the Keras model's."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "EXPORT.md").read_text()
+    example = doc.split("## Keras: `model.export()` on each backend", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    check = textwrap.dedent("""
+        assert os.path.isfile("head.onnx")
+        np.savez("y.npz", *[np.asarray(o) for o in (fused, pam, cam)], *[keras.ops.convert_to_numpy(o) for o in model(x)])
+    """)
+    proc = subprocess.run([sys.executable, "-c", "import os\n" + example + check], capture_output=True, text=True,
+                          timeout=300, cwd=str(tmp_path), env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(tmp_path / "y.npz") as z:
+        got = [z[f"arr_{i}"] for i in range(6)]
+    assert [g.shape for g in got] == [(1, 33, 33, 19)] * 6
+    _check("docs/EXPORT.md: SavedModel vs Keras", got[:3], got[3:])
 
 
 @pytest.mark.skipif(keras.backend.backend() not in ("tensorflow", "jax"),

@@ -61,3 +61,33 @@ def test_unet_exports_at_every_size_multiple_of_4_on_jax(tmp_path):
         result = compare(f"U-Net SavedModel at {shape}", np.asarray(reloaded.serve(x)),
                          keras.ops.convert_to_numpy(model(x)), tolerance("float32", "model"))
         assert result.passed, result.message()
+
+
+@needs_example
+def test_unet_example_takes_any_size_and_makes_its_out_folder(tmp_path):
+    """An odd, non-square size (zero-padded to multiples of 4 inside the model, the logits cropped back) and an
+    ``--out`` folder that does not exist yet."""
+    import keras
+    import numpy as np
+
+    out = tmp_path / "runs" / "unet"
+    result = _example().main(["--epochs", "1", "--samples", "8", "--size", "18", "23", "--batch-size", "4",
+                              "--out", str(out)])
+    assert result["path"] == str(out / "unet.keras") and (out / "unet.keras").is_file()
+    assert result["reload_max_diff"] == 0.0
+    model = keras.models.load_model(result["path"])
+    assert model(np.zeros((2, 18, 23, 1), "float32")).shape == (2, 18, 23, 3)
+
+
+@needs_example
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "6"], "--size takes 1 or 2 integers >= 8, got [6]"),
+    (["--size", "8", "9", "10"], "--size takes 1 or 2 integers >= 8, got [8, 9, 10]"),
+    (["--epochs", "0"], "--epochs takes an integer >= 1, got 0"),
+    (["--samples", "-1"], "--samples takes an integer >= 1, got -1"),
+    (["--batch-size", "0"], "--batch-size takes an integer >= 1, got 0"),
+])
+def test_unet_example_refuses_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _example().main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -13,7 +13,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
+from ._checks import (channels_error, check_floating_policy, check_inputs, check_positive_int, check_shape,
+                      standardize_data_format)
 from .layers import Conv2d, backend_result_type, row_max
 from .pam import bmm as _bmm
 from .pam import softmax as _softmax
@@ -61,6 +62,7 @@ def _untokens(t, like, data_format):
 class _Attention(keras.layers.Layer):
     def __init__(self, data_format=None, **kwargs):
         super().__init__(**kwargs)
+        check_floating_policy(self)
         self.data_format = standardize_data_format(data_format)
         self.in_channels = None
 
@@ -130,9 +132,9 @@ class PositionAttention(_Attention):
     def build(self, input_shape):
         c = self._check(input_shape)
         if c // self.reduction < 1:
-            raise ValueError(
-                f"PositionAttention: `inputs` has {c} channels, too few for `reduction`={self.reduction} "
-                f"(query/key channels C // reduction would be 0); use >= {self.reduction} channels.")
+            raise channels_error("PositionAttention", input_shape, self.data_format,
+                                 f"too few for `reduction`={self.reduction} (query/key channels C // reduction "
+                                 f"would be 0): use >= {self.reduction} channels or a smaller `reduction`.")
         self.in_channels = c
         conv = dict(kernel_size=1, data_format=self.data_format, dtype=self.dtype_policy)
         self.query_conv = Conv2d(c // self.reduction, name="query_conv", **conv)

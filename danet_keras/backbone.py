@@ -6,7 +6,7 @@ from typing import Sequence
 
 import keras
 
-from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
+from ._checks import check_floating_policy, check_inputs, check_positive_int, check_shape, standardize_data_format
 from .layers import BatchNorm, Conv2d, MaxPool2d, layout_axes, sequential, with_channels
 
 __all__ = ["Bottleneck", "DilatedResNet", "resnet50", "resnet101", "layer_dilations", "DEPTHS"]
@@ -64,6 +64,7 @@ class Bottleneck(keras.layers.Layer):
     def __init__(self, planes: int, stride: int = 1, dilation: int = 1, downsample: bool = False,
                  data_format=None, **kwargs):
         super().__init__(**kwargs)
+        check_floating_policy(self)
         self.planes = check_positive_int("planes", planes)
         self.stride = check_positive_int("stride", stride)
         self.dilation = check_positive_int("dilation", dilation)
@@ -137,6 +138,7 @@ class DilatedResNet(keras.layers.Layer):
     def __init__(self, depth: int = 101, output_stride: int = 8, deep_stem: bool = False,
                  multi_grid: Sequence[int] | None = None, data_format=None, in_channels: int = 3, **kwargs):
         super().__init__(**kwargs)
+        check_floating_policy(self)
         if depth not in DEPTHS:
             raise ValueError(f"`depth` must be one of {sorted(DEPTHS)}, got {depth!r}.")
         self.in_channels = check_positive_int("in_channels", in_channels)

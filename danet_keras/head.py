@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
+
 import keras
 
-from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
+from ._checks import (channels_error, check_floating_policy, check_inputs, check_positive_int, check_shape,
+                      standardize_data_format)
 from .attention import ChannelAttention, PositionAttention
 from .layers import BatchNorm, Conv2d, layout_axes, sequential, with_channels
 from .pam import check_path, path_from_legacy
@@ -47,10 +50,15 @@ class DualAttention(keras.layers.Layer):
                  pam_path: str = "auto", data_format=None, **kwargs):
         pam_path = path_from_legacy(pam_path, kwargs, "pam_path")
         super().__init__(**kwargs)
+        check_floating_policy(self)
         self.out_channels = None if out_channels is None else check_positive_int("out_channels", out_channels)
         self.inter_channels = (None if inter_channels is None
                                else check_positive_int("inter_channels", inter_channels))
         self.reduction = check_positive_int("reduction", reduction)
+        if self.inter_channels is not None and self.inter_channels // self.reduction < 1:
+            raise ValueError(f"`inter_channels`={self.inter_channels} is too few for `reduction`={self.reduction}; "
+                             f"pass `inter_channels` >= {self.reduction} or `reduction` <= {self.inter_channels} "
+                             f"(PAM's query/key channels are inter_channels // reduction).")
         self.pam_path = check_path(pam_path, "pam_path")
         self.data_format = standardize_data_format(data_format)
         self.in_channels = None
@@ -58,22 +66,22 @@ class DualAttention(keras.layers.Layer):
     def _check(self, shape):
         return check_shape(type(self).__name__, shape, self.data_format, self.in_channels)
 
-    def _sizes(self, c: int) -> tuple[int, int]:
-        inter = self.inter_channels
-        if inter is None:
-            inter = c // 4
-            if inter < 1:
-                raise ValueError(f"{type(self).__name__}: `inputs` has {c} channels; the default "
-                                 f"`inter_channels` = C // 4 needs C >= 4; pass `inter_channels`.")
-        if inter // self.reduction < 1:
-            raise ValueError(f"{type(self).__name__}: `inter_channels`={inter} is too few for "
-                             f"`reduction`={self.reduction}; need inter_channels >= {self.reduction} "
-                             f"(inputs with >= {4 * self.reduction} channels by default).")
+    def _sizes(self, input_shape) -> tuple[int, int]:
+        """``(inter, out)`` channels for ``input_shape`` (checked)."""
+        c = self._check(input_shape)
+        if self.inter_channels is not None:  # checked against `reduction` when constructed
+            return self.inter_channels, (c if self.out_channels is None else self.out_channels)
+        inter, r = c // 4, self.reduction
+        if inter // r < 1:
+            raise channels_error(type(self).__name__, input_shape, self.data_format,
+                                 f"the default `inter_channels` = C // 4 = {inter} is too few for `reduction`={r}: "
+                                 f"use inputs with >= {4 * r} channels, or pass `inter_channels` >= {r} or a "
+                                 f"smaller `reduction`.")
         return inter, (c if self.out_channels is None else self.out_channels)
 
     def build(self, input_shape):
         c = self._check(input_shape)
-        inter, out = self._sizes(c)
+        inter, out = self._sizes(input_shape)
         self.in_channels = c
         kw = dict(data_format=self.data_format, dtype=self.dtype_policy)
         self.conv5a = conv_bn_relu(inter, "conv5a", **kw)
@@ -101,8 +109,7 @@ class DualAttention(keras.layers.Layer):
         return sa_conv + sc_conv
 
     def compute_output_shape(self, input_shape):
-        c = self._check(input_shape)
-        return with_channels(input_shape, self._sizes(c)[1], self.data_format)
+        return with_channels(input_shape, self._sizes(input_shape)[1], self.data_format)
 
     def get_config(self):
         config = super().get_config()
@@ -138,17 +145,16 @@ class DANetHead(DualAttention):
         kwargs.pop("inter_channels", None)
         super().__init__(reduction=reduction, pam_path=pam_path, data_format=data_format, **kwargs)
         self.num_classes = check_positive_int("num_classes", num_classes)
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must be a number in [0, 1), got {dropout!r}.")
         self.dropout = float(dropout)
 
-    def _sizes(self, c: int) -> tuple[int, int]:
-        if c < 4:
-            raise ValueError(f"DANetHead: `inputs` has {c} channels; need >= 4 (inter = C // 4).")
-        inter = c // 4
+    def _sizes(self, input_shape) -> tuple[int, int]:
+        inter = self._check(input_shape) // 4
         if inter // self.reduction < 1:
-            raise ValueError(f"DANetHead: `inputs` has {c} channels, too few for `reduction`={self.reduction}: "
-                             f"inter = C // 4 = {inter} < reduction; use >= {4 * self.reduction} channels.")
+            raise channels_error("DANetHead", input_shape, self.data_format,
+                                 f"too few for `reduction`={self.reduction}: inter = C // 4 = {inter} < reduction; "
+                                 f"use >= {4 * self.reduction} channels or a smaller `reduction`.")
         return inter, inter
 
     def build(self, input_shape):

@@ -7,7 +7,7 @@ from typing import Sequence
 import keras
 from keras import ops
 
-from ._checks import check_inputs, check_positive_int, check_shape, standardize_data_format
+from ._checks import check_floating_policy, check_inputs, check_positive_int, check_shape, standardize_data_format
 from .backbone import DilatedResNet
 from .head import DANetHead
 from .layers import layout_axes, no_init_weights, resize_bilinear_align_corners
@@ -55,6 +55,7 @@ class DANet(keras.Model):
                  **kwargs):
         pam_path = path_from_legacy(pam_path, kwargs, "pam_path")
         super().__init__(**kwargs)
+        check_floating_policy(self)
         self.num_classes = check_positive_int("num_classes", num_classes)
         if backbone not in BACKBONES:
             raise ValueError(f"`backbone` must be one of {sorted(BACKBONES)}, got {backbone!r}.")

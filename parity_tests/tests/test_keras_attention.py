@@ -145,6 +145,23 @@ def test_gamma_gradient_under_mixed_precision(kind, policy, rng):
           policy.split("_")[1], "grad")
 
 
+@pytest.mark.parametrize("dtype", ["int32", "bool", "uint8"])
+@pytest.mark.parametrize("make", [
+    lambda **kw: dk.PositionAttention(**kw), lambda **kw: dk.ChannelAttention(**kw),
+    lambda **kw: dk.DualAttention(**kw), lambda **kw: dk.DANetHead(3, **kw), lambda **kw: dk.Bottleneck(16, **kw),
+    lambda **kw: dk.DilatedResNet(50, **kw), lambda **kw: dk.DANet(3, backbone="resnet50", **kw),
+], ids=["pam", "cam", "dual", "head", "bottleneck", "resnet", "danet"])
+def test_non_floating_dtype_policies_are_refused_when_constructed(make, dtype):
+    with pytest.raises(ValueError, match=f"`dtype` must be a floating-point dtype policy .*, got '{dtype}'"):
+        make(dtype=dtype)
+
+
+def test_dropout_must_be_a_number():
+    for dropout in ("a", None, True, 1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"`dropout` must be a number in \[0, 1\), got {dropout!r}"):
+            dk.DANetHead(3, dropout=dropout)
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="`inputs` must be 4-D"):
         dk.PositionAttention()(np.zeros((2, 8, 16), "float32"))
@@ -152,10 +169,23 @@ def test_bad_inputs_raise_clear_errors():
     pam(np.zeros((1, 4, 4, 16), "float32"))
     with pytest.raises(ValueError, match="built for 16 channels"):
         pam(np.zeros((1, 4, 4, 24), "float32"))
-    with pytest.raises(ValueError, match="too few for `reduction`=8"):
+    with pytest.raises(ValueError, match=r"PositionAttention: `inputs` of shape \(1, 4, 4, 4\) has 4 channels .* "
+                                         r"too few for `reduction`=8"):
         dk.PositionAttention()(np.zeros((1, 4, 4, 4), "float32"))
-    with pytest.raises(ValueError, match="too few"):
+    with pytest.raises(ValueError, match=r"DualAttention: `inputs` of shape \(1, 4, 4, 16\) has 16 channels "
+                                         r"\(data_format='channels_last' reads it as \(B, H, W, C\)\); the default "
+                                         r"`inter_channels` = C // 4 = 4 is too few for `reduction`=8: use inputs "
+                                         r"with >= 32 channels, or pass `inter_channels` >= 8 or a smaller `reduction`"):
         dk.DualAttention()(np.zeros((1, 4, 4, 16), "float32"))
+    with pytest.raises(ValueError, match=r"`inputs` of shape \(1, 5, 6, 32\) has 5 channels \(data_format="
+                                         r"'channels_first' reads it as \(B, C, H, W\)\)"):  # an NHWC tensor
+        dk.DualAttention(data_format="channels_first")(np.zeros((1, 5, 6, 32), "float32"))
+    with pytest.raises(ValueError, match=r"DANetHead: `inputs` of shape \(1, 4, 4, 16\) has 16 channels .* too few "
+                                         r"for `reduction`=8"):
+        dk.DANetHead(3)(np.zeros((1, 4, 4, 16), "float32"))
+    with pytest.raises(ValueError, match=r"`inter_channels`=4 is too few for `reduction`=8; pass `inter_channels` "
+                                         r">= 8 or `reduction` <= 4"):
+        dk.DualAttention(inter_channels=4)  # both known: refused when constructed
     with pytest.raises(ValueError, match="`pam_path`"):
         dk.PositionAttention(pam_path="yes")
     with pytest.raises(ValueError, match="`reduction`"):

@@ -228,11 +228,11 @@ def reference_outputs(spec, neutral, x: np.ndarray):
         return [o.numpy() for o in model64(torch.from_numpy(x))]
 
 
-def _rows(component, names, actual, expected, dtype, scope, against, device, check="outputs"):
+def _rows(component, names, actual, expected, dtype, scope, against, device, check="outputs", scales=None):
     tol = tolerance(dtype, scope)
     rows = []
-    for name, a, e in zip(names, actual, expected):
-        c = compare(name, a, e, tol)
+    for name, a, e, scale in zip(names, actual, expected, scales or [None] * len(names)):
+        c = compare(name, a, e, tol, scale)
         rows.append(Row(component, name, keras.backend.backend(), device, dtype, c.max_abs, c.max_rel,
                         tol.atol, tol.rtol, c.passed, against, check, c.normwise, c.headroom, tol.relative_to,
                         float(np.linalg.norm(np.nan_to_num(np.asarray(e, np.float64), posinf=0.0, neginf=0.0)))))
@@ -251,6 +251,21 @@ def forward_rows(component, spec, torch_model, keras_model, x, dtype="float32", 
     expected = reference_outputs(spec, neutral if neutral is not None else wc.from_torch(torch_model), x)
     return (_rows(component, [f"{n} (torch)" for n in names], t_out, expected, dtype, scope, "float64", where)
             + _rows(component, [f"{n} (keras)" for n in names], k_out, expected, dtype, scope, "float64", where))
+
+
+def _layer_scales(labels, expected):
+    """Per gradient, the largest ``|expected|`` among its layer's parameter gradients (``None`` for the input's).
+
+    ``d/d sa.key_conv.bias`` is measured against ``sa.key_conv``'s kernel
+    gradient too (:func:`weights_convert.tolerances.compare`'s ``scale``).
+    """
+    layer = [label.split()[1].rpartition(".")[0] if label != "d/d input" else None for label in labels]
+    largest = {}
+    for name, e in zip(layer, expected):
+        if name is not None:
+            largest[name] = max(largest.get(name, 0.0), float(np.nanmax(np.abs(np.nan_to_num(e, posinf=0.0, neginf=0.0)),
+                                                                           initial=0.0)))
+    return [None if name is None else largest[name] for name in layer]
 
 
 def gradient_rows(component, spec, torch_model, keras_model, x, device="cpu", seed=1, dtype="float32"):
@@ -285,7 +300,8 @@ def gradient_rows(component, spec, torch_model, keras_model, x, device="cpu", se
             continue
         actual.append(wc.mapping.from_keras_layout(grad, row.rule))
         labels.append(f"d/d {row.torch_name}")
-    rows = _rows(component, labels, actual, expected, dtype, "grad", "torch", where, "gradients")
+    rows = _rows(component, labels, actual, expected, dtype, "grad", "torch", where, "gradients",
+                 _layer_scales(labels, expected))
     buffers = dict(torch_model.named_buffers())
     k_state = wc.from_keras(keras_model, spec)
     stats = [k for k in buffers if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]

@@ -70,6 +70,15 @@ def test_danet50_gradients_and_batchnorm_match_in_float64():
     _assert_rows(rows)
 
 
+def test_pam_key_bias_gradient_is_judged_at_its_layers_scale():
+    """At 64x70 the key-conv bias gradient (0 in exact arithmetic) is ~1e-4 of rounding noise in both frameworks,
+    next to key-conv kernel gradients of ~200: judged alone against the atol, it failed on some backends."""
+    rows = harness.run_component("pam", size=(64, 70), batch=2, device=DEVICE, float64=False)
+    bias = [r for r in rows if r.output == "d/d key_conv.bias"]
+    assert len(bias) == 1 and bias[0].max_abs < 1e-3
+    _assert_rows(rows)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("component", ["pam", "cam", "head"])
 def test_half_precision_against_float64_reference(component, dtype):

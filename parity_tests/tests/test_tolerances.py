@@ -34,6 +34,21 @@ def test_tensor_relative_scale_for_gradients():
     assert not compare("g", [0.05, 100.0], [0.0, 100.0], Tolerance(atol=0.0, rtol=1e-3)).passed
 
 
+def test_a_layer_scale_for_gradients_that_cancel_to_zero():
+    """A bias gradient that is 0 in exact arithmetic (PAM's key-conv bias) is rounding noise at the scale of its
+    layer's other gradients: measured against that scale, not against its own largest element."""
+    tol = tolerance("float32", "grad")
+    noise = compare("d/d key_conv.bias", [2.3e-4, -1e-4], [-1.1e-4, 5e-5], tol)
+    assert not noise.passed
+    at_scale = compare("d/d key_conv.bias", [2.3e-4, -1e-4], [-1.1e-4, 5e-5], tol, scale=185.0)
+    assert at_scale.passed and at_scale.headroom == pytest.approx(3.4e-4 / (1e-4 + 1e-4 * 185.0))
+    assert not compare("d/d key_conv.bias", [0.03, 0.0], [0.0, 0.0], tol, scale=185.0).passed
+    # a scale below the tensor's own changes nothing
+    assert compare("g", [0.05, 100.0], [0.0, 100.0], tol, scale=1.0) == compare("g", [0.05, 100.0], [0.0, 100.0], tol)
+    with pytest.raises(ValueError, match="`scale` applies to tolerances relative to the tensor"):
+        compare("y", [1.0], [1.0], tolerance("float32"), scale=2.0)
+
+
 def test_nan_and_inf_handling():
     tol = tolerance("float32")
     assert compare("n", [np.nan, 1.0], [np.nan, 1.0], tol).passed

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weights_convert.atomic import write_files
+from weights_convert.atomic import check_output, write_files
 from weights_convert.cli import add_arch_options, arch_options
 
 __all__ = ["main", "build_parser", "load_image", "grid_points", "compute_maps", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -70,16 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_output(path, ext: str, flag: str, force: bool) -> Path | None:
     if path is None:
         return None
-    path = Path(path)
-    if path.suffix.lower() != ext:
+    if Path(path).suffix.lower() != ext:
         raise UsageError(f"`{flag}` must name a {ext} file, got {str(path)!r}.")
-    if path.is_dir():
-        raise UsageError(f"`{flag}` {str(path)!r} is a folder; give a file name.")
-    if path.exists() and not force:
-        raise UsageError(f"`{flag}` {str(path)!r} exists; pass --force to replace it.")
-    if not path.parent.is_dir():
-        raise UsageError(f"The folder of `{flag}` {str(path)!r} does not exist.")
-    return path
+    return check_output(path, f"`{flag}`", force)
 
 
 def load_image(path, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,7 @@ import time
 
 from parity_tests import report as rep
 from parity_tests.environment import environment
+from weights_convert.atomic import check_output, write_files
 from weights_convert.cli import add_arch_options, arch_options
 
 __all__ = ["main", "build_parser", "BACKENDS", "COMPONENT_NAMES"]
@@ -91,6 +92,15 @@ def _validate(parser, args) -> tuple:
         path = getattr(args, flag)
         if path and not os.path.isfile(path):
             parser.error(f"--{flag.replace('_', '-')} {path!r} does not exist or is not a file")
+    for flag in ("json", "junit_xml"):  # the reports are written after the run: refuse what cannot be written now
+        path = getattr(args, flag)
+        if path is not None:
+            try:
+                check_output(path, f"--{flag.replace('_', '-')}", force=True)
+            except ValueError as e:
+                parser.error(str(e))
+    if args.json and args.junit_xml and os.path.realpath(args.json) == os.path.realpath(args.junit_xml):
+        parser.error(f"--json and --junit-xml name the same file ({args.json!r}); give each report its own")
     components = args.components.split(",") if args.components else list(DEFAULT_COMPONENTS)
     unknown = [c for c in components if c not in COMPONENT_NAMES]
     if unknown:
@@ -287,12 +297,17 @@ def main(argv=None) -> int:
     report["result"] = {0: "pass", 1: "fail", 2: "error"}[report["exit_code"]]
     report["totals"] = rep.totals(report)
     print("\n".join(rep.table(report, args.verbose) + rep.divergence_lines(report) + rep.summary_lines(report)))
+    reports = {}
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rep.plain_json(report), fh, indent=1, default=str, allow_nan=False)
+        reports[args.json] = json.dumps(rep.plain_json(report), indent=1, default=str, allow_nan=False).encode()
     if args.junit_xml:
-        with open(args.junit_xml, "w") as fh:
-            fh.write(rep.junit_xml(report))
+        reports[args.junit_xml] = rep.junit_xml(report).encode()
+    try:
+        write_files(reports)  # each to a temporary file renamed into place: never a half-written report
+    except OSError as e:
+        print(f"danet-parity: error: the report(s) could not be written ({', '.join(reports)}): {e}",
+              file=sys.stderr)
+        return 2
     return report["exit_code"]
 
 

@@ -9,21 +9,34 @@ from pathlib import Path
 
 from .errors import RefusedError
 
-__all__ = ["check_destination", "atomic_target", "write_files"]
+__all__ = ["check_output", "check_destination", "atomic_target", "write_files"]
+
+
+def check_output(path, name: str, force: bool, replace: str = "--force") -> Path:
+    """Refuse an output ``path`` before any work: a folder, an existing file (without ``force``), a missing or
+    unwritable folder. ``name`` is the argument as the user wrote it (``DST``, ``--json``); ``replace`` is what
+    lets an existing file be replaced."""
+    dst = Path(path)
+    if dst.is_dir():
+        raise RefusedError(f"{name} {str(dst)!r} is a folder; give a file name.")
+    if dst.exists() and not force:
+        raise RefusedError(f"{name} {str(dst)!r} exists; pass {replace} to replace it.")
+    folder = dst.parent
+    if not folder.exists():
+        raise RefusedError(f"The folder of {name} {str(dst)!r} does not exist ({str(folder)!r}).")
+    if not folder.is_dir():
+        raise RefusedError(f"The folder of {name} {str(dst)!r} is not a folder ({str(folder)!r} is a file).")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RefusedError(f"The folder of {name} {str(dst)!r} is not writable ({str(folder)!r}).")
+    return dst
 
 
 def check_destination(src, dst, force: bool) -> Path:
-    """Refuse ``dst`` if it exists (without ``force``), is ``src``, or its folder is missing."""
+    """Refuse ``dst`` if it is ``src``, exists (without ``force``), or cannot be written (:func:`check_output`)."""
     dst = Path(dst)
     if src is not None and Path(src).exists() and dst.exists() and os.path.samefile(src, dst):
         raise RefusedError(f"DST {str(dst)!r} is the source file; SRC is never modified: choose another DST.")
-    if dst.exists() and not force:
-        raise RefusedError(f"DST {str(dst)!r} exists; pass --force (force=True) to replace it.")
-    if dst.exists() and dst.is_dir():
-        raise RefusedError(f"DST {str(dst)!r} is a folder; give a file name with a supported extension.")
-    if not dst.parent.exists():
-        raise RefusedError(f"The folder of DST {str(dst)!r} does not exist ({str(dst.parent)!r}).")
-    return dst
+    return check_output(dst, "DST", force, replace="--force (force=True)")
 
 
 def _fsync_dir(folder: Path) -> None:

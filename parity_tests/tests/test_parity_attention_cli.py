@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -139,6 +141,28 @@ def test_existing_output_is_kept_without_force(files, tmp_path, capsys):
     assert _run(*argv, "--force") == 0
     with Image.open(tmp_path / "fig.png") as img:
         assert img.format == "PNG"
+
+
+@pytest.mark.parametrize("option, name", [("--out", "fig.png"), ("--npz", "maps.npz")])
+@pytest.mark.parametrize("where, message", [
+    ("missing", "does not exist"), ("file.txt", "is not a folder"), ("folder", "is a folder")])
+def test_unwritable_output_paths_exit_2_before_the_weights_are_read(tmp_path, capsys, option, name, where, message):
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    (tmp_path / "folder" / name).mkdir(parents=True)
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint" * 10)
+    path = tmp_path / where / name
+    assert _run(tmp_path / "broken.pth", tmp_path / "image.png", "--grid", "2", option, path) == 2
+    err = capsys.readouterr().err
+    assert f"`{option}` {str(path)!r}" in err and message in err and "broken.pth" not in err, err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_exits_2(tmp_path, capsys):
+    (tmp_path / "locked").mkdir(mode=0o500)
+    path = tmp_path / "locked" / "maps.npz"
+    assert _run(tmp_path / "w.pth", tmp_path / "image.png", "--grid", "2", "--npz", path) == 2
+    err = capsys.readouterr().err
+    assert f"`--npz` {str(path)!r}" in err and "is not writable" in err, err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -17,6 +17,7 @@ from weights_convert.testing import randomize_
 
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
 OTHER = next(b for b in ("torch", "tensorflow", "jax") if b != BACKEND and importlib.util.find_spec(b))
+SMALL = ("--keras-backend", BACKEND, "--components", "cam", "--no-gradients", "--input-size", "5", "5")
 
 
 def _run(*args, env=None):
@@ -128,6 +129,24 @@ def test_a_crashing_backend_is_an_error_and_the_others_are_reported(tmp_path):
 def test_bad_usage_exits_2(args, message):
     code, _, err = _run(*args, env={"KERAS_BACKEND": BACKEND})
     assert code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("option", ["--json", "--junit-xml"])
+@pytest.mark.parametrize("where, message", [
+    ("missing/report", "does not exist"), ("", "is a folder"), ("file.txt/report", "is not a folder")])
+def test_unwritable_report_paths_exit_2_before_any_backend_runs(tmp_path, option, where, message):
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    path = tmp_path / where
+    code, out, err = _run(option, str(path), *SMALL)
+    assert code == 2 and f"{option} {str(path)!r}" in err and message in err, out + err
+    assert "Traceback" not in err and "component(s)" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_one_file_for_both_reports_exits_2(tmp_path):
+    path = str(tmp_path / "report")
+    code, out, err = _run("--json", path, "--junit-xml", path, *SMALL)
+    assert code == 2 and "--json and --junit-xml name the same file" in err and "component(s)" not in err, out + err
 
 
 def test_unreadable_weights_exit_2_before_any_backend_runs(tmp_path):

@@ -2,7 +2,9 @@
 
 A checkpoint is a dict that ``torch.load(path, weights_only=True)`` reads
 (tensors and JSON-like values only) and ``danet-convert`` converts (it reads
-the ``state_dict`` entry)::
+the ``state_dict`` entry); ``--resume`` reads it as ``danet-convert`` does
+(``weights_convert.io_torch.load_pth``: a pickle that would run code is
+refused, nothing runs)::
 
     {"state_dict": {official DANet keys: tensors},      # no "module." prefix
      "arch": {"kind": "danet", "num_classes": ..., "backbone": ..., "in_channels": ..., ...},
@@ -55,10 +57,12 @@ def save_checkpoint(path, model, optimizer, scaler, epoch: int, step: int, best_
 
 def load_checkpoint(path, model, optimizer=None, scaler=None) -> dict:
     """Restore ``model`` (strictly), ``optimizer`` and ``scaler`` from ``path``; returns the checkpoint dict."""
+    from weights_convert.io_torch import load_pth
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"`--resume` {str(path)!r} does not exist or is not a file.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_pth(path, label=f"`--resume` {str(path)!r}")  # no pickled code runs; UnsafeFileError, CorruptFileError
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "optimizer" not in ckpt:
         raise ValueError(f"`--resume` {str(path)!r} is not a danet-train checkpoint (needs `state_dict` and "
                          f"`optimizer` entries); to start from other weights use --pretrained-backbone.")
@@ -68,9 +72,12 @@ def load_checkpoint(path, model, optimizer=None, scaler=None) -> dict:
     if differ:
         raise ValueError(f"`--resume` {str(path)!r} was trained with another architecture: "
                          + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items()) + ".")
-    model.load_state_dict(ckpt["state_dict"], strict=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # entries that do not fit this model/optimizer
+        raise ValueError(f"`--resume` {str(path)!r} does not fit this model and optimizer: {e}") from None
     return ckpt

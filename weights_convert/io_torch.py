@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from collections import OrderedDict
 
 from .errors import CorruptFileError, UnsafeFileError
 from .neutral import numpy_to_tensor, tensor_to_numpy
 
-__all__ = ["read_pth", "write_pth", "RECORD_KEY"]
+__all__ = ["load_pth", "read_pth", "write_pth", "RECORD_KEY"]
 
 RECORD_KEY = "arch"
 _PRINTABLE = re.compile(r"[^\x20-\x7e]")
@@ -32,34 +31,48 @@ def _globals_in(path) -> list:
         return []
 
 
-def _refusal(path, found: list) -> UnsafeFileError:
+def _refusal(label: str, found: list) -> UnsafeFileError:
     modules = [g for g in found if g.startswith("torch.nn.modules.") or g.startswith("danet_torch.")]
     if modules:
         return UnsafeFileError(
-            f"Refused {str(path)!r}: it holds a pickled nn.Module (torch.save(model); classes "
+            f"Refused {label}: it holds a pickled nn.Module (torch.save(model); classes "
             f"{', '.join(modules[:3])}), which loads only by running the pickle's code. Nothing was executed. "
             f"Save the weights instead: torch.save(model.state_dict(), PATH), then convert that file.")
     named = f" (it imports {', '.join(found[:5])})" if found else ""
     return UnsafeFileError(
-        f"Refused {str(path)!r}: its pickle would import or run code beyond tensors and plain containers{named}. "
+        f"Refused {label}: its pickle would import or run code beyond tensors and plain containers{named}. "
         f"Nothing was executed. Ask for the weights as a state_dict of tensors, or as .safetensors.")
 
 
-def read_pth(path):
-    """The file's top-level object, tensors turned into NumPy arrays (nested dicts kept)."""
+def load_pth(path, label: str | None = None):
+    """The file's top-level object as ``torch.load(weights_only=True)`` returns it (tensors on the CPU).
+
+    The one reader of ``.pth`` files: a pickle that would run code is refused
+    (nothing runs), a damaged file is an error; neither hints at loading
+    unsafely. ``label`` names the file in those errors (default: its path).
+
+    Raises:
+        UnsafeFileError: the pickle would import or run code beyond tensors and plain containers.
+        CorruptFileError: truncated, corrupt, or not a PyTorch file.
+    """
     import torch
 
+    label = label or repr(str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "Weights only load failed" in str(e):
-            raise _refusal(path, _globals_in(path)) from None
-        raise CorruptFileError(f"{str(path)!r} is not a readable PyTorch file (corrupt pickle).") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
+            raise _refusal(label, _globals_in(path)) from None
+        raise CorruptFileError(f"{label} is not a readable PyTorch file (corrupt pickle).") from None
+    except Exception as e:  # noqa: BLE001 - on bytes that are no checkpoint the unpickler fails in many ways
         first = _PRINTABLE.sub("", str(e).splitlines()[0]) if str(e) else ""
-        raise CorruptFileError(f"{str(path)!r} is truncated or corrupt, or not a PyTorch file: "
+        raise CorruptFileError(f"{label} is truncated or corrupt, or not a PyTorch file: "
                                f"{type(e).__name__}: {first}") from None
-    return _to_numpy(obj)
+
+
+def read_pth(path):
+    """The file's top-level object (:func:`load_pth`), tensors turned into NumPy arrays (nested dicts kept)."""
+    return _to_numpy(load_pth(path))
 
 
 def _to_numpy(obj):

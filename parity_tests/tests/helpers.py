@@ -13,7 +13,8 @@ from weights_convert.tolerances import compare, tolerance
 
 __all__ = ["check", "nhwc", "nchw", "to_numpy", "subnormal_products", "state_numpy", "resolve", "set_torch_weights",
            "pam_state_dict", "dual_state_dict", "head_state_dict", "border_points", "check_segmentation", "RESNET_STAGES",
-           "imagenet_resnet_state_dict", "reference_dilated_resnet", "PALETTE", "make_segmentation_folder"]
+           "imagenet_resnet_state_dict", "reference_dilated_resnet", "PALETTE", "make_segmentation_folder",
+           "PickleMarker", "hostile_pth"]
 
 BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance",
             "num_batches_tracked": "num_batches_tracked"}
@@ -275,3 +276,27 @@ def make_segmentation_folder(root, n: int, size: int = 32, num_classes: int = 3,
         Image.fromarray(image).save(root / "images" / f"{i:03d}{ext}")
         Image.fromarray(mask).save(root / "masks" / f"{i:03d}.png")
     return root
+
+
+# -- a hostile .pth: its pickle runs code when loaded unsafely -------------------------------------------------
+class PickleMarker:
+    """Unpickling this calls ``open(path, "w")``: it creates the marker file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def hostile_pth(path, marker):
+    """Write ``path``: CAM weights plus a :class:`PickleMarker` that creates ``marker`` if the file is unpickled
+    with code allowed (``torch.load(weights_only=False)``). Returns ``path``."""
+    import torch
+
+    import danet_torch as dt
+
+    state = dict(dt.ChannelAttention(8).state_dict())
+    state["payload"] = PickleMarker(marker)
+    torch.save(state, path)
+    return path

@@ -100,6 +100,15 @@ def test_empty_files_and_folders_are_refused(tmp_path, capsys):
     assert _nothing_written(tmp_path)
 
 
+def test_a_text_file_named_pth_is_refused_as_corrupt(tmp_path, capsys):
+    src = tmp_path / "notes.pth"
+    src.write_text("epoch 6, not a checkpoint\n" * 4)
+    code, _ = _convert(tmp_path, src)
+    err = capsys.readouterr().err
+    assert code == 2 and f"{str(src)!r} is truncated or corrupt, or not a PyTorch file" in err, err
+    assert "unexpected" not in err and _nothing_written(tmp_path)
+
+
 def test_key_and_prefix_do_not_apply_to_keras_files(tmp_path, capsys):
     (tmp_path / "m.keras").write_bytes(b"PK")
     code, _ = _convert(tmp_path, tmp_path / "m.keras", "--key", "model")

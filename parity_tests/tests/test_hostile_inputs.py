@@ -13,28 +13,15 @@ import zipfile
 import pytest
 import torch
 
-import danet_torch as dt
 import weights_convert as wc
+from parity_tests.tests.helpers import hostile_pth
 from weights_convert import cli
-
-
-class _Marker:
-    """Unpickling this calls ``open(path, "w")``: it creates the marker file."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.fixture
 def evil_pth(tmp_path):
     marker = tmp_path / "PWNED"
-    state = dict(dt.ChannelAttention(8).state_dict())
-    state["payload"] = _Marker(marker)
-    path = tmp_path / "evil.pth"
-    torch.save(state, path)
+    path = hostile_pth(tmp_path / "evil.pth", marker)
     assert not marker.exists()
     return path, marker
 

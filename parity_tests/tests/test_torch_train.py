@@ -12,7 +12,7 @@ import torch
 
 from danet_torch import DANet
 from danet_torch.train import main, poly_lr
-from parity_tests.tests.helpers import make_segmentation_folder
+from parity_tests.tests.helpers import hostile_pth, make_segmentation_folder
 
 pytest.importorskip("PIL")
 
@@ -117,6 +117,27 @@ def test_bad_data_is_refused_before_training(tmp_path, capsys, damage, message):
     err = capsys.readouterr().err
     assert err.startswith("danet-train: error:") and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["code-running pickle", "text file", "cut short", "other weights"])
+def test_unreadable_resume_checkpoints_are_refused_without_running_code(run_a, tmp_path, capsys, kind):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "t.pth"
+    if kind == "code-running pickle":
+        hostile_pth(path, marker)
+    elif kind == "text file":
+        path.write_text("epoch 6, not a checkpoint\n" * 4)
+    elif kind == "cut short":
+        path.write_bytes((run_a[1] / "last.pth").read_bytes()[:5000])
+    else:  # a readable dict of the right entries whose weights are not this model's
+        torch.save({"state_dict": {"conv.weight": torch.zeros(1)}, "optimizer": {}}, path)
+    assert main([*_bad(tmp_path, lambda d: None), "--resume", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("danet-train: error:") and f"`--resume` {str(path)!r}" in err, err
+    assert "weights_only" not in err and "Weights only" not in err, err  # never a hint to load it unsafely
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    if kind == "code-running pickle":
+        assert "Refused" in err and "Nothing was executed" in err, err
 
 
 def test_poly_schedule():

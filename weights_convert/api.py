@@ -30,6 +30,7 @@ FORMATS = {
     "keras": (".keras",),
     "onnx": (".onnx",),
 }
+PARTIAL_NOTE = "partial: "  # the start of the note saying what allow_partial left out
 WRITE_ONLY = ("onnx",)  # formats written but never read back
 KERAS_FORMATS = ("keras", "keras_weights")
 
@@ -141,7 +142,7 @@ def load(path, *, key: str | None = None, strip_prefix: str | None = None, allow
     elif fmt == "keras_weights":
         from .io_keras import read_weights_h5
 
-        weights, spec, notes, stored = read_weights_h5(path, overrides)
+        weights, spec, notes, stored = read_weights_h5(path, overrides, allow_partial)
     else:
         obj, record = read_raw(path)
         weights, hints, notes = import_checkpoint(obj, key, strip_prefix, allow_partial)
@@ -170,15 +171,15 @@ def conform(weights, spec: ArchSpec, allow_partial: bool = False):
     notes = []
     if missing or unexpected or mismatched:
         notes.append(
-            f"partial: left out {len(missing)} missing ({', '.join(k for k, _ in missing[:5])}), "
+            f"{PARTIAL_NOTE}left out {len(missing)} missing ({', '.join(k for k, _ in missing[:5])}), "
             f"{len(unexpected)} unexpected ({', '.join(k for k, _ in unexpected[:5])}), "
             f"{len(mismatched)} shape-mismatched ({', '.join(k for k, *_ in mismatched[:5])}) key(s)")
     bad = {k for k, *_ in mismatched}
     return OrderedDict((k, weights[k]) for k in expected if k in weights and k not in bad), notes
 
 
-def save(weights, path, arch: ArchSpec, *, force: bool = False, allow_partial: bool = False, src=None,
-         onnx_framework: str = "torch") -> list:
+def save(weights, path, arch: ArchSpec, *, force: bool = False, allow_partial: bool = False,
+         allow_cast: bool = False, src=None, onnx_framework: str = "torch") -> list:
     """Write ``weights`` and the record ``arch`` to ``path`` (format by extension), atomically.
 
     The file is written to ``.NAME.tmp-XXXX<ext>`` in the target folder and
@@ -186,12 +187,14 @@ def save(weights, path, arch: ArchSpec, *, force: bool = False, allow_partial: b
     ``src`` (the file read) is never overwritten. Keras formats build the
     ``danet_keras`` model of ``arch`` (a Keras file holds every variable:
     with ``allow_partial``, those ``weights`` lack keep their random initial
-    values, and a note says so); ``.onnx`` exports the model of ``arch``
+    values, and a note says so). A Keras file holds ``arch.dtype`` weights and int32 counters: a tensor it
+    would not give back as it is (another dtype, another value) is refused, naming each, unless
+    ``allow_cast`` (then a note names the casts); ``.onnx`` exports the model of ``arch``
     holding ``weights``, built by ``onnx_framework`` (``"torch"``, or
     ``"keras"`` on the TensorFlow backend). ONNX is write-only.
 
     Returns:
-        Notes: what ``allow_partial`` left out (empty when complete).
+        Notes: what ``allow_partial`` left out, what ``allow_cast`` cast (empty when neither).
     """
     if not isinstance(arch, ArchSpec):
         raise TypeError(f"`arch` must be an ArchSpec (see weights_convert.load / infer_arch), got "
@@ -229,11 +232,11 @@ def save(weights, path, arch: ArchSpec, *, force: bool = False, allow_partial: b
         elif fmt == "keras_weights":
             from .io_keras import write_weights_h5
 
-            write_weights_h5(weights, arch, tmp, allow_partial)
+            notes += write_weights_h5(weights, arch, tmp, allow_partial, allow_cast)
         elif fmt == "keras":
             from .io_keras import write_keras
 
-            write_keras(weights, arch, tmp, allow_partial)
+            notes += write_keras(weights, arch, tmp, allow_partial, allow_cast)
         else:
             from .io_onnx import write_onnx
 

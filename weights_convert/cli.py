@@ -7,9 +7,12 @@ Exit codes: 0 converted (and verified), 1 ``--verify`` above tolerance,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing DST")
     p.add_argument("--allow-partial", action="store_true",
                    help="write what fits instead of refusing, and list what was left out")
+    p.add_argument("--allow-cast", action="store_true",
+                   help="let a Keras DST (one floating dtype, int32 counters) hold tensors cast (float32 weights "
+                        "in a float64 file, a float counter as int32), and list them; refused without it")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
     return p
 
@@ -120,11 +126,39 @@ def _dry_run(ckpt, dst) -> None:
     print("dry run: nothing written")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like ``KeyboardInterrupt`` for SIGINT, so the temporary file goes."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises :class:`Terminated` inside (the previous handler is restored after); a no-op outside the main
+    thread, where Python cannot set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up logs drown the converter's lines
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _sigterm_raises():
+        return _convert(parser, args)
+
+
+def _convert(parser, args) -> int:
     t0 = time.perf_counter()
+    written = False  # DST in place: what an interruption leaves changes
 
     def say(msg):
         if not args.quiet:
@@ -173,8 +207,10 @@ def main(argv=None) -> int:
         if big:
             say(f"read {n} tensors in {time.perf_counter() - t0:.1f} s; writing {args.dst} ...")
         for note in api.save(weights, args.dst, spec, force=args.force, allow_partial=args.allow_partial,
-                             src=args.src, onnx_framework=args.onnx_from or "torch"):
-            say(f"note: {note}")
+                             allow_cast=args.allow_cast, src=args.src, onnx_framework=args.onnx_from or "torch"):
+            if not note.startswith(api.PARTIAL_NOTE):  # said once, above: load() conformed the weights already
+                say(f"note: {note}")
+        written = True
         status = 0
         if args.verify:
             status = _verify(args, ckpt)
@@ -185,8 +221,10 @@ def main(argv=None) -> int:
     except ConvertError as e:
         print(f"danet-convert: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("danet-convert: interrupted; DST not written", file=sys.stderr)
+    except (KeyboardInterrupt, Terminated) as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        done = f"DST {args.dst!r} written, verification interrupted" if written else "DST not written"
+        print(f"danet-convert: {what}; {done}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - never let a crash read as exit 1 ("verify above tolerance")
         print(f"danet-convert: error: unexpected {type(e).__name__}: {e}", file=sys.stderr)

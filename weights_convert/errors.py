@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-__all__ = ["ConvertError", "StrictLoadError", "CorruptFileError", "UnsafeFileError", "RefusedError"]
+__all__ = ["ConvertError", "StrictLoadError", "CorruptFileError", "UnsafeFileError", "RefusedError", "one_line"]
 
 
 class ConvertError(ValueError):
@@ -24,6 +24,13 @@ class RefusedError(ConvertError):
 
 
 Shape = Sequence[int]
+
+
+def one_line(e: BaseException, limit: int = 800) -> str:
+    """``Type: message`` of ``e`` on one line (its lines joined, not cut at the first), at most ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 4].rstrip() + " ..."
 
 
 class StrictLoadError(ConvertError):

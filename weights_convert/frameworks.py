@@ -17,7 +17,7 @@ import numpy as np
 from .arch import KINDS, ArchSpec, expected_shapes
 from .errors import ConvertError, check_strict
 from .infer import infer_arch
-from .mapping import from_keras_layout, keras_table, resolve_keras, to_keras_layout
+from .mapping import RULES, from_keras_layout, keras_table, resolve_keras, to_keras_layout
 from .neutral import numpy_dtype, numpy_to_tensor, tensor_to_numpy
 
 __all__ = ["build_torch", "build_keras", "to_torch", "from_torch", "spec_from_torch", "to_keras", "from_keras",
@@ -139,25 +139,65 @@ def _check_coverage(layer, assigned_ids, spec):
                            f"name table does not cover: {left[:5]}; the mirror rule is broken.")
 
 
-def to_keras(weights, arch: ArchSpec | None = None, allow_partial: bool = False, layer=None):
-    """The ``danet_keras`` layer of ``arch`` holding ``weights`` (strict by default), via the name table."""
+def to_keras(weights, arch: ArchSpec | None = None, allow_partial: bool = False, layer=None,
+             allow_cast: bool = True, notes: list | None = None):
+    """The ``danet_keras`` layer of ``arch`` holding ``weights`` (strict by default), via the name table.
+
+    A Keras layer holds one floating dtype (``arch.dtype``) and int32 counters: a tensor that its variable
+    would not give back as it is (another dtype, or another value: a fractional or too large counter) is
+    cast, which is what running a model needs. ``allow_cast=False`` (a file being written) refuses it
+    instead, naming each; the casts done are described in ``notes`` when it is a list.
+    """
     spec = arch if arch is not None else infer_arch(weights)
     check_strict(expected_shapes(spec), weights, context=spec.describe(), allow_partial=allow_partial)
     layer = build_keras(spec, initialize=allow_partial) if layer is None else layer  # strict: all assigned below
-    assigned = set()
+    assigned, casts = set(), []
     with keras_precision(spec.dtype):
         for row in keras_table(spec):
             var = resolve_keras(layer, row.keras_path)
             assigned.add(id(var))
             if row.torch_name not in weights or tuple(np.shape(weights[row.torch_name])) != row.torch_shape:
                 continue  # allow_partial: left at its initial value
-            value = to_keras_layout(weights[row.torch_name], row.rule)
+            source = np.asarray(weights[row.torch_name])
+            value = to_keras_layout(source, row.rule)
             if tuple(var.shape) != tuple(value.shape):
                 raise ConvertError(f"`{row.keras_path}` has shape {tuple(var.shape)}, the table expects "
                                    f"{tuple(value.shape)} for `{row.torch_name}`.")
-            var.assign(np.asarray(value).astype(numpy_dtype(var.dtype), copy=False))
+            value = np.asarray(value).astype(numpy_dtype(var.dtype), copy=False)
+            if not _comes_back(source, value, row.rule):
+                casts.append((row.torch_name, source, value, row.rule))
+                if not allow_cast:
+                    continue
+            var.assign(value)
     _check_coverage(layer, assigned, spec)
+    if casts and not allow_cast:
+        raise ConvertError(f"{len(casts)} tensor(s) would not come back as they are from a Keras file of "
+                           f"{spec.describe()}, which holds {spec.dtype} weights and int32 counters: "
+                           f"{_describe_casts(casts)}. Refused; pass --allow-cast (allow_cast=True) to write "
+                           f"them cast, or write .pth/.safetensors/.npz, which keep every dtype.")
+    if casts and notes is not None:
+        notes.append(f"cast {len(casts)} tensor(s) to fit the Keras {spec.dtype} weights and int32 counters: "
+                     f"{_describe_casts(casts)}")
     return layer
+
+
+def _comes_back(source: np.ndarray, value: np.ndarray, rule: str) -> bool:
+    """Whether ``value`` (``source`` as the Keras variable holds it) reads back as ``source``: dtype and bits."""
+    restored = RULES[rule][1]  # the dtype the rule gives back (int64 counters), else the variable's
+    if np.dtype(restored or value.dtype) != source.dtype:
+        return False
+    return value.dtype == source.dtype or np.array_equal(from_keras_layout(value, rule), source)
+
+
+def _describe_casts(casts, limit: int = 5) -> str:
+    """``float32 -> float64 (values kept): 3 (a, b, c); ...``: the casts grouped by dtypes, first names."""
+    groups: dict = {}
+    for name, source, value, rule in casts:
+        kept = np.array_equal(from_keras_layout(value, rule), source, equal_nan=True)
+        groups.setdefault((source.dtype.name, value.dtype.name, kept), []).append(name)
+    return "; ".join(f"{a} -> {b} ({'values kept' if kept else 'values change'}): {len(names)} "
+                     f"({', '.join(names[:limit])}{', ...' if len(names) > limit else ''})"
+                     for (a, b, kept), names in groups.items())
 
 
 def from_keras(layer, arch: ArchSpec | None = None) -> "OrderedDict[str, np.ndarray]":

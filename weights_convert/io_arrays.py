@@ -10,10 +10,22 @@ import numpy as np
 
 from .errors import ConvertError, CorruptFileError
 
-__all__ = ["read_safetensors", "write_safetensors", "read_npz", "write_npz", "METADATA_KEY"]
+__all__ = ["read_safetensors", "write_safetensors", "read_npz", "write_npz", "check_zip", "METADATA_KEY"]
 
 METADATA_KEY = "danet_arch"
 NPZ_METADATA = "__danet_arch__"
+ZIP_STARTS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip's directory
+
+
+def check_zip(path, what: str) -> None:
+    """Refuse ``path`` unless it is a zip archive, the container of ``what`` (``"NumPy .npz"``, ...)."""
+    with open(path, "rb") as f:
+        start = f.read(4)
+    if start not in ZIP_STARTS:
+        raise CorruptFileError(f"{str(path)!r} is not a {what} archive (not a zip file).")
+    if not zipfile.is_zipfile(path):
+        raise CorruptFileError(f"{str(path)!r} is truncated or corrupt: a zip file whose directory is missing or "
+                               f"damaged (not a complete {what} archive).")
 
 
 def read_safetensors(path):
@@ -76,6 +88,7 @@ def write_safetensors(neutral, path, record: dict | None = None):
 
 
 def read_npz(path):
+    check_zip(path, "NumPy .npz")  # np.load reads anything else as a pickle, which it refuses
     try:
         with np.load(path, allow_pickle=False) as z:
             tensors = OrderedDict((k, z[k]) for k in z.files)

@@ -12,7 +12,7 @@ import pickle
 import re
 from collections import OrderedDict
 
-from .errors import CorruptFileError, UnsafeFileError
+from .errors import CorruptFileError, UnsafeFileError, one_line
 from .neutral import numpy_to_tensor, tensor_to_numpy
 
 __all__ = ["load_pth", "read_pth", "write_pth", "RECORD_KEY"]
@@ -65,9 +65,8 @@ def load_pth(path, label: str | None = None):
             raise _refusal(label, _globals_in(path)) from None
         raise CorruptFileError(f"{label} is not a readable PyTorch file (corrupt pickle).") from None
     except Exception as e:  # noqa: BLE001 - on bytes that are no checkpoint the unpickler fails in many ways
-        first = _PRINTABLE.sub("", str(e).splitlines()[0]) if str(e) else ""
         raise CorruptFileError(f"{label} is truncated or corrupt, or not a PyTorch file: "
-                               f"{type(e).__name__}: {first}") from None
+                               f"{_PRINTABLE.sub('', one_line(e))}") from None
 
 
 def read_pth(path):

@@ -6,11 +6,14 @@ they are (``num_batches_tracked`` stays int64, bfloat16 uses ``ml_dtypes``).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["contiguous", "tensor_to_numpy", "numpy_to_tensor", "numpy_dtype", "float_dtype", "summary"]
+__all__ = ["contiguous", "tensor_to_numpy", "numpy_to_tensor", "numpy_dtype", "float_dtype", "common_float_dtype",
+           "summary"]
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def tensor_to_numpy(t) -> np.ndarray:
@@ -49,14 +52,22 @@ def contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else a.copy(order="C")
 
 
+def common_float_dtype(names: Iterable[str]) -> str:
+    """The narrowest floating dtype that holds every value of the floating dtypes ``names`` exactly
+    (float16 and bfloat16 together: float32), ``"float32"`` if there is none."""
+    found = {n for n in names if n in FLOAT_DTYPES}
+    if "float64" in found:
+        return "float64"
+    if "float32" in found or len(found) > 1:
+        return "float32"
+    return found.pop() if found else "float32"
+
+
 def float_dtype(neutral: Mapping[str, np.ndarray]) -> str:
-    """The floating dtype of the weights (the most common one), ``"float32"`` if none."""
-    counts: dict = {}
-    for v in neutral.values():
-        name = np.asarray(v).dtype.name
-        if name in ("float16", "bfloat16", "float32", "float64"):
-            counts[name] = counts.get(name, 0) + 1
-    return max(counts, key=counts.get) if counts else "float32"
+    """The floating dtype of the weights: the one holding every floating tensor's values exactly
+    (``num_batches_tracked``, a counter, aside), ``"float32"`` if none."""
+    return common_float_dtype(np.asarray(v).dtype.name for k, v in neutral.items()
+                              if not k.endswith("num_batches_tracked"))
 
 
 def summary(neutral: Mapping[str, np.ndarray]) -> tuple[int, int, int]:

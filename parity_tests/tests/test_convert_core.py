@@ -192,9 +192,13 @@ def test_unexpected_and_mismatched(tmp_path, head_pth, capsys):
 def test_allow_partial_says_what_it_left_out(tmp_path, head_pth, capsys):
     src, sd = head_pth
     sd["extra.weight"] = torch.zeros(2)
+    del sd["conv6.1.bias"]
     torch.save(sd, src)
     assert main([str(src), str(tmp_path / "dst.npz"), "--allow-partial"]) == 0
-    assert "left out" in capsys.readouterr().err and "extra.weight" not in np.load(tmp_path / "dst.npz").files
+    err = capsys.readouterr().err
+    assert err.count("left out") == 1 and "1 missing (conv6.1.bias), 1 unexpected (extra.weight)" in err, err
+    assert sorted(np.load(tmp_path / "dst.npz").files) == sorted([k for k in sd if k != "extra.weight"] +
+                                                                  ["__danet_arch__"])
 
 
 def test_wrong_class_count_option(tmp_path, head_pth, capsys):
@@ -229,6 +233,75 @@ def test_existing_dst_refused_without_force(tmp_path, head_pth, capsys):
     assert main([str(src), str(dst), "--force"]) == 0
     assert dst.read_bytes() != b"keep me"
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def _not_loaded(monkeypatch):
+    """Make reading SRC fail the test: a refusal of DST must come before it."""
+    from weights_convert import api
+
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("SRC was read before DST was refused"))
+
+
+def test_dst_in_a_file_is_refused_up_front(tmp_path, head_pth, capsys, monkeypatch):
+    src, _ = head_pth
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    dst = tmp_path / "notes.txt" / "dst.npz"
+    _not_loaded(monkeypatch)
+    assert main([str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert f"The folder of DST {str(dst)!r} is a file" in err and "unexpected" not in err, err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into any folder")
+def test_dst_in_a_folder_that_is_not_writable_is_refused_up_front(tmp_path, head_pth, capsys, monkeypatch):
+    src, _ = head_pth
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    _not_loaded(monkeypatch)
+    try:
+        assert main([str(src), str(folder / "dst.npz")]) == 2
+    finally:
+        folder.chmod(0o755)
+    err = capsys.readouterr().err
+    assert f"The folder of DST {str(folder / 'dst.npz')!r} is not writable" in err and "unexpected" not in err, err
+    assert list(folder.iterdir()) == []
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (``kill``) while DST is being written: the temporary file is removed, DST not written, exit 2."""
+    spec = SMALL_SPECS["pam"]
+    wc.save(wc.from_torch(random_torch_model(spec)), tmp_path / "src.npz", spec)
+    (tmp_path / "out").mkdir()
+    child = (  # the writer signals its own process once the temporary file exists
+        "import os, signal, sys, time\n"
+        "from weights_convert import cli, io_arrays\n"
+        "write = io_arrays.write_safetensors\n"
+        "def signalled(*args):\n"
+        "    write(*args)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+        "io_arrays.write_safetensors = signalled\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n")
+    dst = tmp_path / "out" / "k.safetensors"
+    out = subprocess.run([sys.executable, "-c", child, str(tmp_path / "src.npz"), str(dst)], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 2 and "terminated" in out.stderr and "DST not written" in out.stderr, out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_interrupt_during_verify_says_dst_was_written(tmp_path, head_pth, capsys, monkeypatch):
+    from weights_convert import cli
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    src, sd = head_pth
+    monkeypatch.setattr(cli, "_verify", interrupted)
+    assert main([str(src), str(tmp_path / "dst.npz"), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert "DST not written" not in err and "verification interrupted" in err and "dst.npz' written" in err, err
+    _same({k: v.numpy() for k, v in sd.items()}, wc.load(tmp_path / "dst.npz").weights)
 
 
 def test_same_file_refused(head_pth, capsys):

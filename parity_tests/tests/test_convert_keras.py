@@ -206,3 +206,95 @@ def test_wrong_architecture_for_weights_h5(tmp_path, capsys):
     assert main([str(tmp_path / "h.weights.h5"), str(tmp_path / "dst.pth"), "--num-classes", "7"]) == 2
     assert "does not load into DANetHead(in_channels=64, num_classes=7)" in capsys.readouterr().err
     assert not (tmp_path / "dst.pth").exists()
+
+
+def _wrapped(spec, *others):
+    """A keras.Model around a random danet_keras layer of ``spec`` (``others``: more layers before it)."""
+    layer = _random_keras(spec)
+    inputs = x = keras.Input((None, None, spec.in_channels))
+    for other in others:
+        x = other(x)
+    return keras.Model(inputs, layer(x)), layer
+
+
+@pytest.mark.parametrize("name", ["pam", "cam", "dual_attention", "head"])
+def test_weights_h5_of_a_model_wrapping_a_danet_layer(tmp_path, capsys, name):
+    """``save_weights`` of a keras.Model around a danet_keras layer nests the layer's weights under
+    ``layers/<name>/``: the reader finds that subtree, infers the architecture from it and loads it bit-exact."""
+    spec = SMALL_SPECS[name]
+    model, layer = _wrapped(spec)
+    model.save_weights(tmp_path / "wrapped.weights.h5")
+    channels = ["--in-channels", str(spec.in_channels)] if name == "cam" else []
+    assert main([str(tmp_path / "wrapped.weights.h5"), str(tmp_path / "out.pth"), *channels]) == 0, \
+        capsys.readouterr().err
+    back = wc.load(tmp_path / "out.pth")
+    assert back.arch == spec
+    _same(wc.from_keras(layer, spec), back.weights)
+
+
+def test_weights_h5_with_weights_outside_the_danet_layer(tmp_path, capsys):
+    """Datasets outside the danet_keras layer's subtree are named and refused; ``--allow-partial`` converts the
+    layer alone and names what it left out. Two danet_keras layers: refused, naming both."""
+    spec = SMALL_SPECS["dual_attention"]
+    model, layer = _wrapped(spec, keras.layers.Conv2D(64, 1))
+    model.save_weights(tmp_path / "more.weights.h5")
+    assert main([str(tmp_path / "more.weights.h5"), str(tmp_path / "out.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "layers/conv2d (2 arrays)" in err and "layers/dual_attention" in err and "--allow-partial" in err
+    assert not (tmp_path / "out.pth").exists()
+    assert main([str(tmp_path / "more.weights.h5"), str(tmp_path / "out.pth"), "--allow-partial"]) == 0
+    assert "left out layers/conv2d (2 arrays)" in capsys.readouterr().err
+    _same(wc.from_keras(layer, spec), wc.load(tmp_path / "out.pth").weights)
+
+    inputs = keras.Input((None, None, 64))
+    twice = keras.Model(inputs, _random_keras(spec)(_random_keras(spec)(inputs)))
+    twice.save_weights(tmp_path / "twice.weights.h5")
+    assert main([str(tmp_path / "twice.weights.h5"), str(tmp_path / "out2.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "layers/dual_attention/" in err and "layers/dual_attention_1/" in err and "exactly one" in err
+    assert not (tmp_path / "out2.pth").exists()
+
+
+def test_weights_h5_load_errors_are_not_cut(tmp_path, capsys):
+    """Keras' load error is kept whole: its first line ends in a colon, the reason follows."""
+    spec = SMALL_SPECS["head"]
+    wc.save(wc.from_torch(random_torch_model(spec)), tmp_path / "h.weights.h5", arch=spec)
+    assert main([str(tmp_path / "h.weights.h5"), str(tmp_path / "dst.pth"), "--num-classes", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "does not load into" in err and "must match" in err, err
+    assert not err.rstrip().endswith(":")
+
+
+def _cast_cases():
+    """State dicts a Keras file cannot hold as they are: ``(state, the tensor that changes, its words)``."""
+    sd = random_torch_model(SMALL_SPECS["head"]).state_dict()
+    minority = dict(sd, **{"conv5a.0.weight": sd["conv5a.0.weight"].double()})
+    half = {k: v.half() if k.endswith("weight") and v.dim() == 4 else v for k, v in sd.items()}
+    fraction = dict(sd, **{"conv5a.1.num_batches_tracked": torch.tensor(3.5)})
+    overflow = dict(sd, **{"conv5a.1.num_batches_tracked": torch.tensor(2 ** 31, dtype=torch.int64)})
+    return {"float64-minority": (minority, "conv5a.1.weight", "float32 -> float64"),
+            "float16-convs": (half, "conv5a.0.weight", "float16 -> float32"),
+            "float-counter": (fraction, "conv5a.1.num_batches_tracked", "values change"),
+            "counter-overflow": (overflow, "conv5a.1.num_batches_tracked", "values change")}
+
+
+@pytest.mark.parametrize("ext", [".keras", ".weights.h5"])
+@pytest.mark.parametrize("case", sorted(_cast_cases()))
+def test_a_dtype_change_is_refused_unless_allow_cast(tmp_path, capsys, ext, case):
+    """A Keras file holds one floating dtype and int32 counters: a tensor whose dtype or value would change is
+    refused, named; ``--allow-cast`` writes it cast to the dtype that holds every value and names the cast."""
+    state, name, words = _cast_cases()[case]
+    torch.save(state, tmp_path / "mixed.pth")
+    dst = tmp_path / f"out{ext}"
+    assert main([str(tmp_path / "mixed.pth"), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert name in err and words in err and "--allow-cast" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["mixed.pth"]
+    assert main([str(tmp_path / "mixed.pth"), str(dst), "--allow-cast"]) == 0
+    err = capsys.readouterr().err
+    assert "note: cast" in err and name in err and words in err, err
+    back = wc.load(dst).weights
+    for k, v in state.items():
+        if k != name:
+            assert np.array_equal(back[k], v.numpy()), k  # as they were, or widened with every value kept
+    assert back[name].dtype != state[name].numpy().dtype or not np.array_equal(back[name], state[name].numpy())

@@ -100,3 +100,18 @@ def test_npz_with_object_arrays_is_refused_without_unpickling(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pickled object arrays" in err and "allow_pickle=False" in err
     assert not dst.exists() and not list(tmp_path.glob(".out.pth.tmp-*"))
+
+
+@pytest.mark.parametrize("ext, words", [(".npz", "is not a NumPy .npz archive (not a zip file)"),
+                                        (".keras", "is not a Keras .keras archive (not a zip file)")])
+def test_a_file_that_is_no_zip_is_named_so(ext, words, tmp_path, capsys):
+    """A text file named like a zip format: said to be no zip archive (not "pickled", not "not found")."""
+    if ext == ".keras":
+        pytest.importorskip("keras")
+    src = tmp_path / f"t{ext}"
+    src.write_text("hello\n")
+    assert cli.main([str(src), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(src)!r} {words}" in err, err
+    assert "pickle" not in err and "not found" not in err
+    assert [p.name for p in tmp_path.iterdir()] == [src.name]

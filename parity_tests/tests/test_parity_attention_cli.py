@@ -145,7 +145,7 @@ def test_existing_output_is_kept_without_force(files, tmp_path, capsys):
 
 @pytest.mark.parametrize("option, name", [("--out", "fig.png"), ("--npz", "maps.npz")])
 @pytest.mark.parametrize("where, message", [
-    ("missing", "does not exist"), ("file.txt", "is not a folder"), ("folder", "is a folder")])
+    ("missing", "does not exist"), ("file.txt", "not a folder"), ("folder", "is a folder")])
 def test_unwritable_output_paths_exit_2_before_the_weights_are_read(tmp_path, capsys, option, name, where, message):
     (tmp_path / "file.txt").write_text("a file, not a folder")
     (tmp_path / "folder" / name).mkdir(parents=True)

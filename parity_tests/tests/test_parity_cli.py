@@ -133,7 +133,7 @@ def test_bad_usage_exits_2(args, message):
 
 @pytest.mark.parametrize("option", ["--json", "--junit-xml"])
 @pytest.mark.parametrize("where, message", [
-    ("missing/report", "does not exist"), ("", "is a folder"), ("file.txt/report", "is not a folder")])
+    ("missing/report", "does not exist"), ("", "is a folder"), ("file.txt/report", "not a folder")])
 def test_unwritable_report_paths_exit_2_before_any_backend_runs(tmp_path, option, where, message):
     (tmp_path / "file.txt").write_text("a file, not a folder")
     path = tmp_path / where

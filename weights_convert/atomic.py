@@ -25,7 +25,8 @@ def check_output(path, name: str, force: bool, replace: str = "--force") -> Path
     if not folder.exists():
         raise RefusedError(f"The folder of {name} {str(dst)!r} does not exist ({str(folder)!r}).")
     if not folder.is_dir():
-        raise RefusedError(f"The folder of {name} {str(dst)!r} is a file ({str(folder)!r}), not a folder; give a path in a folder.")
+        raise RefusedError(f"The folder of {name} {str(dst)!r} is a file ({str(folder)!r}), not a folder; "
+                           f"give a path in a folder.")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise RefusedError(f"The folder of {name} {str(dst)!r} is not writable ({str(folder)!r}); it is written "
                            f"there (a temporary file, renamed into place): choose a folder you can write to.")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
+import zipfile
 from collections import OrderedDict
 
 from .errors import CorruptFileError, UnsafeFileError, one_line
@@ -22,13 +24,49 @@ _PRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 def _globals_in(path) -> list:
-    """The classes/functions the pickle would import, read from its opcodes without running it."""
+    """The classes/functions the pickle would import, read from its opcodes without running it.
+
+    torch's archives (a zip with ``data.pkl``) through torch's own reader; a
+    plain pickle (``pickle.dump``, torch's legacy format) by walking its
+    first pickle's opcodes. A damaged file gives no list; the refusal stands.
+    """
     import torch
 
     try:
-        return [_PRINTABLE.sub("?", g) for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))]
-    except Exception:  # noqa: BLE001 - a legacy or damaged file: no list, the refusal stands
+        if zipfile.is_zipfile(path):
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        else:
+            with open(path, "rb") as fh:
+                found = _pickle_globals(fh)
+    except Exception:  # noqa: BLE001 - a damaged file: no list
         return []
+    return [_PRINTABLE.sub("?", g) for g in dict.fromkeys(found)]
+
+
+def _pickle_globals(stream) -> list:
+    """``module.name`` of every ``GLOBAL``/``STACK_GLOBAL`` in the pickle on ``stream`` (:mod:`pickletools`, which
+    only decodes). ``STACK_GLOBAL`` takes the last two strings pushed; memoised ones are looked up."""
+    import pickletools
+
+    found, strings, memo = [], [], {}
+    top = None  # the string the previous opcode pushed, if it pushed one
+    for op, arg, _ in pickletools.genops(stream):
+        pushed = None
+        if op.name == "GLOBAL":
+            found.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.append(f"{strings[-2]}.{strings[-1]}")
+        elif "UNICODE" in op.name and isinstance(arg, str):
+            pushed = arg
+        elif op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+            memo[len(memo) if op.name == "MEMOIZE" else arg] = top
+            pushed = top  # the stack is unchanged
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed = memo.get(arg)
+        if pushed is not None and op.name not in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+            strings.append(pushed)
+        top = pushed
+    return found
 
 
 def _refusal(label: str, found: list) -> UnsafeFileError:
@@ -59,7 +97,9 @@ def load_pth(path, label: str | None = None):
 
     label = label or repr(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4 in the checkpoint": the errors below say it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "Weights only load failed" in str(e):
             raise _refusal(label, _globals_in(path)) from None

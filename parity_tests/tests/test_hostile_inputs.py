@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import weights_convert as wc
-from parity_tests.tests.helpers import hostile_pth
+from parity_tests.tests.helpers import PickleMarker, hostile_pth
 from weights_convert import cli
 
 
@@ -31,6 +31,24 @@ def test_pickle_with_code_is_refused_by_load(evil_pth):
     with pytest.raises(wc.UnsafeFileError, match="Nothing was executed") as info:
         wc.load(path)
     assert "would import or run code" in str(info.value) and "weights_only=False" not in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_plain_pickle_with_code_is_refused_naming_its_imports(protocol, tmp_path):
+    """A ``pickle.dump`` file named .pth (no torch zip archive): the refusal names what it imports, read from its
+    opcodes as for torch's archives, and torch's own warnings about the file stay out of the output."""
+    import pickle
+    import warnings
+
+    path, marker = tmp_path / "plain.pth", tmp_path / "marker"
+    with open(path, "wb") as fh:
+        pickle.dump({"weight": [1.0, 2.0], "payload": PickleMarker(marker)}, fh, protocol=protocol)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(wc.UnsafeFileError) as info:
+        warnings.simplefilter("always")
+        wc.load(path)
+    assert "(it imports io.open)" in str(info.value) and "Nothing was executed" in str(info.value), str(info.value)
+    assert not [w for w in caught if "pickle" in str(w.message).lower()], [str(w.message) for w in caught]
     assert not marker.exists()
 
 

@@ -85,6 +85,11 @@ def infer_record(weights: Mapping, hints: Mapping | None = None, overrides: Mapp
             fields["num_classes"] = _shape(weights, f"{prefix}conv8.1.weight")[0]
         if kind in ("head", "dual_attention") and "conv5a.0.weight" in weights:
             fields["in_channels"] = _shape(weights, "conv5a.0.weight")[1]
+            other = _shape(weights, "conv5c.0.weight")[1] if "conv5c.0.weight" in weights else fields["in_channels"]
+            if other != fields["in_channels"] and "in_channels" not in overrides:
+                raise ConvertError(f"Cannot infer in_channels: the input convs disagree: conv5a.0.weight takes "
+                                   f"{fields['in_channels']} input channels, conv5c.0.weight {other}; pass "
+                                   f"--in-channels (the strict check then names the one that does not fit).")
         if kind == "dual_attention":
             if "conv5a.0.weight" in weights:
                 fields["inter_channels"] = _shape(weights, "conv5a.0.weight")[0]

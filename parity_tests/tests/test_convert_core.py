@@ -74,6 +74,19 @@ def test_infer_arch(name):
     assert got == spec
 
 
+@pytest.mark.parametrize("kind", ["head", "dual_attention"])
+def test_infer_names_the_input_convs_that_disagree(kind):
+    """conv5a and conv5c both read the input: where their input channels differ, neither is blamed by default."""
+    spec = SMALL_SPECS[kind]
+    neutral = {k: np.zeros(s, np.float32) for k, s in expected_shapes(spec).items()}
+    shape = neutral["conv5a.0.weight"].shape
+    neutral["conv5a.0.weight"] = np.zeros((shape[0], shape[1] // 2, *shape[2:]), np.float32)
+    with pytest.raises(wc.ConvertError, match=rf"the input convs disagree: conv5a.0.weight takes {shape[1] // 2} "
+                                              rf"input channels, conv5c.0.weight {shape[1]}; pass --in-channels"):
+        wc.infer_arch(neutral)
+    assert wc.infer_arch(neutral, in_channels=shape[1]).in_channels == shape[1]  # told: the strict check names conv5a
+
+
 def test_infer_overrides():
     neutral = {k: np.zeros(s, np.float32) for k, s in expected_shapes(DANET_SPECS["danet101"]).items()}
     got = wc.infer_arch(neutral, output_stride=16, multi_grid=None)

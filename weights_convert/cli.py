@@ -126,26 +126,36 @@ def _dry_run(ckpt, dst) -> None:
     print("dry run: nothing written")
 
 
+# kill's default, and a closed terminal or SSH session: each ends the process without Python's cleanup
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like ``KeyboardInterrupt`` for SIGINT, so the temporary file goes."""
+    """A stop signal (:data:`STOP_SIGNALS`), raised in the main thread like ``KeyboardInterrupt`` for SIGINT, so
+    that the temporary file goes."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
 
 
 @contextlib.contextmanager
 def _sigterm_raises():
-    """SIGTERM raises :class:`Terminated` inside (the previous handler is restored after); a no-op outside the main
-    thread, where Python cannot set handlers."""
+    """The stop signals raise :class:`Terminated` inside (the previous handlers are restored after); a no-op
+    outside the main thread, where Python cannot set handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {signum: signal.signal(signum, _raise_terminated) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv=None) -> int:
@@ -222,7 +232,7 @@ def _convert(parser, args) -> int:
         print(f"danet-convert: error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as e:
-        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        what = f"terminated ({e.signal_name})" if isinstance(e, Terminated) else "interrupted"
         done = f"DST {args.dst!r} written, verification interrupted" if written else "DST not written"
         print(f"danet-convert: {what}; {done}", file=sys.stderr)
         return 2

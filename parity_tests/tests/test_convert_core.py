@@ -281,8 +281,10 @@ def test_dst_in_a_folder_that_is_not_writable_is_refused_up_front(tmp_path, head
     assert list(folder.iterdir()) == []
 
 
-def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
-    """SIGTERM (``kill``) while DST is being written: the temporary file is removed, DST not written, exit 2."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_while_writing_leaves_no_temporary_file(signame, tmp_path):
+    """SIGTERM (``kill``) or SIGHUP (a closed terminal) while DST is being written: the temporary file is
+    removed, DST not written, exit 2."""
     spec = SMALL_SPECS["pam"]
     wc.save(wc.from_torch(random_torch_model(spec)), tmp_path / "src.npz", spec)
     (tmp_path / "out").mkdir()
@@ -292,14 +294,14 @@ def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
         "write = io_arrays.write_safetensors\n"
         "def signalled(*args):\n"
         "    write(*args)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        f"    os.kill(os.getpid(), signal.{signame})\n"
         "    time.sleep(60)\n"
         "io_arrays.write_safetensors = signalled\n"
         "sys.exit(cli.main(sys.argv[1:]))\n")
     dst = tmp_path / "out" / "k.safetensors"
     out = subprocess.run([sys.executable, "-c", child, str(tmp_path / "src.npz"), str(dst)], capture_output=True,
                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    assert out.returncode == 2 and "terminated" in out.stderr and "DST not written" in out.stderr, out
+    assert out.returncode == 2 and f"terminated ({signame}); DST not written" in out.stderr, out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 

@@ -27,20 +27,40 @@ def _globals_in(path) -> list:
     """The classes/functions the pickle would import, read from its opcodes without running it.
 
     torch's archives (a zip with ``data.pkl``) through torch's own reader; a
-    plain pickle (``pickle.dump``, torch's legacy format) by walking its
-    first pickle's opcodes. A damaged file gives no list; the refusal stands.
+    plain pickle (``pickle.dump``) or torch's legacy format (several pickles
+    in a row, then the tensors' bytes) by walking the pickles' opcodes until
+    one does not decode. A damaged file gives no list; the refusal stands.
     """
     import torch
 
     try:
         if zipfile.is_zipfile(path):
             found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        else:
+        else:  # pickle.dump, or torch's legacy format: pickles in a row (magic number, ..., the object)
+            found = []
             with open(path, "rb") as fh:
-                found = _pickle_globals(fh)
+                while fh.peek(1) and len(found) < 1000:
+                    try:
+                        found += _pickle_globals(fh)
+                    except Exception:  # noqa: BLE001 - the tensors' bytes after the pickles, or damage
+                        break
+            found = _beyond_allowed(found)
     except Exception:  # noqa: BLE001 - a damaged file: no list
         return []
     return [_PRINTABLE.sub("?", g) for g in dict.fromkeys(found)]
+
+
+def _beyond_allowed(found: list) -> list:
+    """``found`` less what ``torch.load(weights_only=True)`` allows (tensors' rebuild functions, storages,
+    ``OrderedDict``, ...), as torch's own reader of archives reports. torch keeps that list in a private module:
+    where it is missing, everything found is named."""
+    try:
+        from torch import _weights_only_unpickler as allowed
+
+        safe = set(allowed._get_allowed_globals()) | set(allowed._get_user_allowed_globals())
+    except Exception:  # noqa: BLE001 - another torch: name everything
+        return found
+    return [g for g in found if g not in safe]
 
 
 def _pickle_globals(stream) -> list:

@@ -34,22 +34,37 @@ def test_pickle_with_code_is_refused_by_load(evil_pth):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("protocol", [2, 4])
-def test_a_plain_pickle_with_code_is_refused_naming_its_imports(protocol, tmp_path):
-    """A ``pickle.dump`` file named .pth (no torch zip archive): the refusal names what it imports, read from its
-    opcodes as for torch's archives, and torch's own warnings about the file stay out of the output."""
+@pytest.mark.parametrize("writer", ["pickle-2", "pickle-4", "torch-legacy"])
+def test_a_plain_pickle_with_code_is_refused_naming_its_imports(writer, tmp_path):
+    """A ``pickle.dump`` file named .pth, or torch's legacy format (several pickles in a row, no zip archive):
+    the refusal names what it imports, read from its opcodes as for torch's archives, and torch's own warnings
+    about the file stay out of the output."""
     import pickle
     import warnings
 
     path, marker = tmp_path / "plain.pth", tmp_path / "marker"
-    with open(path, "wb") as fh:
-        pickle.dump({"weight": [1.0, 2.0], "payload": PickleMarker(marker)}, fh, protocol=protocol)
+    payload = {"weight": torch.ones(2), "payload": PickleMarker(marker)}
+    if writer == "torch-legacy":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        with open(path, "wb") as fh:
+            pickle.dump({"weight": [1.0, 2.0], "payload": PickleMarker(marker)}, fh, protocol=int(writer[-1]))
     with warnings.catch_warnings(record=True) as caught, pytest.raises(wc.UnsafeFileError) as info:
         warnings.simplefilter("always")
         wc.load(path)
     assert "(it imports io.open)" in str(info.value) and "Nothing was executed" in str(info.value), str(info.value)
     assert not [w for w in caught if "pickle" in str(w.message).lower()], [str(w.message) for w in caught]
     assert not marker.exists()
+
+
+def test_a_pickled_module_in_torchs_legacy_format_is_named_so(tmp_path):
+    import danet_torch as dt
+
+    path = tmp_path / "module.pth"
+    torch.save(dt.ChannelAttention(), path, _use_new_zipfile_serialization=False)
+    with pytest.raises(wc.UnsafeFileError, match=r"holds a pickled nn.Module .*danet_torch.attention.ChannelAttention"
+                                                 r".* torch.save\(model.state_dict\(\), PATH\)"):
+        wc.load(path)
 
 
 def test_pickle_with_code_is_refused_by_cli(evil_pth, tmp_path, capsys):

@@ -108,6 +108,8 @@ def main(argv=None) -> dict:
             parser.error(f"--{name.replace('_', '-')} takes an integer >= 1, got {getattr(args, name)}")
     if len(args.size) > 2 or min(args.size) < 8:
         parser.error(f"--size takes 1 or 2 integers >= 8, got {args.size}")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out takes a folder, got {args.out!r}, a file")
     size = tuple(args.size * 2)[:2]
 
     keras.utils.set_random_seed(0)
@@ -140,4 +142,7 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     result = main()
     if not (result["final_loss"] < 0.7 * result["initial_loss"] and all(result["gammas"].values())):
-        raise SystemExit("training did not converge: loss did not fall or a gamma is still zero")
+        zero = [k for k, v in result["gammas"].items() if not v]
+        raise SystemExit(f"training did not converge: loss {result['initial_loss']:.4f} -> {result['final_loss']:.4f} "
+                         f"(asked: below 70% of the start; more --epochs or --samples)"
+                         + (f", gammas still zero: {zero}" if zero else ""))

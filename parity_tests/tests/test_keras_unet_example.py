@@ -86,8 +86,12 @@ def test_unet_example_takes_any_size_and_makes_its_out_folder(tmp_path):
     (["--epochs", "0"], "--epochs takes an integer >= 1, got 0"),
     (["--samples", "-1"], "--samples takes an integer >= 1, got -1"),
     (["--batch-size", "0"], "--batch-size takes an integer >= 1, got 0"),
+    (["--out", "a_file"], "--out takes a folder, got 'a_file', a file"),  # refused before training, not after
 ])
-def test_unet_example_refuses_bad_arguments(argv, message, capsys):
+def test_unet_example_refuses_bad_arguments(argv, message, capsys, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    argv = [str(tmp_path / a) if a == "a_file" else a for a in argv]
+    message = message.replace("'a_file'", repr(str(tmp_path / "a_file")))
     with pytest.raises(SystemExit) as exit_info:
         _example().main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "sides use them. With both, the two files are first compared tensor by tensor (exact)")
     w.add_argument("--weights-may-differ", action="store_true",
                    help="with both files: report differing tensors but judge by the outputs alone")
+    w.add_argument("--allow-partial", action="store_true",
+                   help="a file whose model holds more than the danet layer (save_weights or .keras of a U-Net "
+                        "with DualAttention inside): compare that layer, the rest left out and listed; the "
+                        "layer's own weights must all be there")
     add_arch_options(p)
     r = p.add_argument_group("what to run")
     r.add_argument("--components", help="with random weights: comma-separated from " + ",".join(COMPONENT_NAMES)
@@ -127,12 +131,14 @@ def _validate(parser, args) -> tuple:
     if not files and overrides:
         warnings.append(f"the architecture options ({', '.join('--' + k.replace('_', '-') for k in overrides)}) "
                         f"apply to weight files only; ignored with random weights")
+    if args.allow_partial and not files:
+        warnings.append("--allow-partial applies to weight files only; ignored with random weights")
     if args.weights_may_differ and not (args.torch_weights and args.keras_weights):
         warnings.append("--weights-may-differ applies only with both --torch-weights and --keras-weights; ignored")
     if not args.float64 and args.dtype == "float64":
         warnings.append("--no-float64 does not apply with --dtype float64; ignored")
     job = {"components": None if files else components, "torch_weights": args.torch_weights,
-           "keras_weights": args.keras_weights, "overrides": overrides,
+           "keras_weights": args.keras_weights, "overrides": overrides, "allow_partial": args.allow_partial,
            "size": list(args.input_size) if args.input_size else None, "batch": args.batch, "seed": args.seed,
            "dtype": args.dtype, "device": args.device, "gradients": not args.no_gradients,
            "float64": args.float64, "trace": args.trace}
@@ -242,18 +248,21 @@ def _run_all(backends, job, in_process, progress) -> tuple:
 
 
 def _check_weights(args, job) -> tuple:
-    """``(weights entry or None, error message or None)``: read the files first; compare two exactly."""
-    import weights_convert as wc
-    from parity_tests.weights_check import compare_weight_files
+    """``(weights entry or None, error message or None, notes)``: read the files first; compare two exactly.
+
+    ``notes``: what ``--allow-partial`` left out of each file.
+    """
+    from parity_tests.weights_check import compare_weight_files, load_complete
 
     try:
         if args.torch_weights and args.keras_weights:
-            return compare_weight_files(args.torch_weights, args.keras_weights, job["overrides"],
-                                        args.weights_may_differ), None
-        wc.load(args.torch_weights or args.keras_weights, **job["overrides"])
-        return None, None
+            entry = compare_weight_files(args.torch_weights, args.keras_weights, job["overrides"],
+                                         args.weights_may_differ, args.allow_partial)
+            return entry, None, entry.pop("notes")
+        return None, None, load_complete(args.torch_weights or args.keras_weights, job["overrides"],
+                                         args.allow_partial).notes
     except (ValueError, OSError) as e:  # ConvertError is a ValueError
-        return None, str(e)
+        return None, str(e), []
 
 
 def main(argv=None) -> int:
@@ -279,10 +288,13 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     weights = None
     if args.torch_weights or args.keras_weights:
-        weights, problem = _check_weights(args, job)
+        weights, problem, notes = _check_weights(args, job)
         if problem:
             print(f"danet-parity: {problem}", file=sys.stderr)
             return 2
+        for note in notes:  # --allow-partial: what was left out
+            warnings.append(note)
+            print(f"danet-parity: warning: {note}", file=sys.stderr)
         if weights:
             print("\n".join(weights["lines"]), flush=True)
     entries, results, errors = _run_all(installed, job, args.in_process, _Progress())

@@ -25,6 +25,7 @@ import torch
 import weights_convert as wc
 from parity_tests import harness
 from parity_tests.trace import forward_divergences, training_divergences
+from parity_tests.weights_check import load_complete
 
 __all__ = ["ComponentResult", "check_component", "weight_jobs", "run_backend", "backend_meta"]
 
@@ -152,7 +153,7 @@ def _trace(result, spec, x, pair, dtype, device, gradients, always, failed, say)
                                 "torch does; the difference is elsewhere (gradients are not traced by module)")
 
 
-def weight_jobs(torch_weights=None, keras_weights=None, overrides=None) -> list:
+def weight_jobs(torch_weights=None, keras_weights=None, overrides=None, allow_partial: bool = False) -> list:
     """``[(label, spec, torch-side weights, Keras-side weights or None)]`` for weight files.
 
     Raises:
@@ -161,9 +162,9 @@ def weight_jobs(torch_weights=None, keras_weights=None, overrides=None) -> list:
     overrides = overrides or {}
     neutral_k = spec_k = None
     if keras_weights:
-        neutral_k, spec_k = wc.load(keras_weights, **overrides)
+        neutral_k, spec_k = load_complete(keras_weights, overrides, allow_partial)
     if torch_weights:
-        neutral_t, spec = wc.load(torch_weights, **overrides)
+        neutral_t, spec = load_complete(torch_weights, overrides, allow_partial)
     else:
         neutral_t, spec = neutral_k, spec_k
     if spec_k is not None and wc.expected_shapes(spec_k) != wc.expected_shapes(spec):
@@ -187,7 +188,7 @@ def backend_meta(device: str) -> dict:
 
 def run_backend(components=None, torch_weights=None, keras_weights=None, overrides=None, size=None, batch=2,
                 seed=0, dtype="float32", device="auto", gradients=True, float64=True, trace=False,
-                emit: Optional[Callable] = None) -> dict:
+                allow_partial: bool = False, emit: Optional[Callable] = None) -> dict:
     """Every component on the running backend; ``emit(event)`` gets each event as it happens.
 
     Events: ``{"event": "meta", ...}`` (versions, devices), ``{"event":
@@ -204,7 +205,7 @@ def run_backend(components=None, torch_weights=None, keras_weights=None, overrid
     meta = backend_meta(device)
     emit({"event": "meta", **meta})
     if torch_weights or keras_weights:
-        jobs = weight_jobs(torch_weights, keras_weights, overrides)
+        jobs = weight_jobs(torch_weights, keras_weights, overrides, allow_partial)
     else:
         jobs = [(name, None, None, None) for name in (components or ("pam", "cam", "head", "danet50"))]
     results = []

@@ -66,17 +66,39 @@ def compare_weights(torch_side, keras_side, allow_differences: bool = False, lab
             "allowed": allow_differences, "passed": passed, "lines": lines}
 
 
-def compare_weight_files(torch_path, keras_path, overrides=None, allow_differences: bool = False) -> dict:
-    """:func:`compare_weights` of two files (any format ``danet-convert`` reads), with their paths.
+def load_complete(path, overrides=None, allow_partial: bool = False):
+    """``weights_convert.load(path)``; with ``allow_partial`` the danet layer of a file that holds more (a
+    U-Net's ``.keras``/``.weights.h5``), whose own weights must all be there (the two frameworks would draw
+    what is missing differently). The ``Checkpoint``'s notes say what was left out.
+
+    Raises:
+        weights_convert.ConvertError: unreadable, or (``allow_partial``) the layer lacks weights.
+    """
+    loaded = wc.load(path, allow_partial=allow_partial, **(overrides or {}))
+    if allow_partial:
+        shapes = wc.expected_shapes(loaded.arch)
+        lacking = [k for k in shapes if k not in loaded.weights]
+        if lacking:
+            raise wc.ConvertError(f"{str(path)!r} lacks {len(lacking)} weight(s) of its {loaded.arch.describe()} "
+                                  f"({', '.join(lacking[:5])}{', ...' if len(lacking) > 5 else ''}): a parity "
+                                  f"check needs them all (--allow-partial leaves out only what lies outside it).")
+    return loaded
+
+
+def compare_weight_files(torch_path, keras_path, overrides=None, allow_differences: bool = False,
+                         allow_partial: bool = False) -> dict:
+    """:func:`compare_weights` of two files (any format ``danet-convert`` reads), with their paths; ``notes``
+    says what ``allow_partial`` left out (:func:`load_complete`).
 
     Raises:
         weights_convert.ConvertError: a file is unreadable, or the two are different architectures.
     """
-    t = wc.load(torch_path, **(overrides or {}))
-    k = wc.load(keras_path, **(overrides or {}))
+    t = load_complete(torch_path, overrides, allow_partial)
+    k = load_complete(keras_path, overrides, allow_partial)
     if wc.expected_shapes(t.arch) != wc.expected_shapes(k.arch):
         raise wc.ConvertError(f"--torch-weights is {t.arch.describe()} but --keras-weights is "
                               f"{k.arch.describe()}: they must be the same architecture.")
     out = compare_weights(t.weights, k.weights, allow_differences)
-    out.update(torch=str(torch_path), keras=str(keras_path), architecture=t.arch.describe())
+    out.update(torch=str(torch_path), keras=str(keras_path), architecture=t.arch.describe(),
+               notes=t.notes + k.notes)
     return out

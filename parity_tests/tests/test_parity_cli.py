@@ -156,6 +156,39 @@ def test_unreadable_weights_exit_2_before_any_backend_runs(tmp_path):
     assert code == 2 and "broken.pth" in err and "component(s)" not in err, out + err
 
 
+def test_the_attention_block_of_a_larger_keras_model_with_allow_partial(tmp_path):
+    """A team's own model: ``save_weights`` of a Keras model with a DualAttention inside. Refused as a whole
+    (its other layers have no torch side), compared with --allow-partial, which says what it left out."""
+    import keras
+
+    import danet_keras as dk
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((None, None, 32))
+    model = keras.Model(inputs, keras.layers.Conv2D(3, 1, name="logits")(dk.DualAttention(name="attention")(inputs)))
+    model.get_layer("attention").sa.gamma.assign([0.5])
+    path = str(tmp_path / "unet.weights.h5")
+    model.save_weights(path)
+    run = ("--keras-weights", path, "--keras-backend", BACKEND, "--no-gradients", "--input-size", "5", "5")
+    code, out, err = _run(*run)
+    assert code == 2 and "pass --allow-partial" in err, out + err
+    code, out, err = _run(*run, "--allow-partial", "--json", str(tmp_path / "r.json"))
+    assert code == 0 and "PASS" in out, out + err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert any("left out layers/conv2d (2 arrays)" in w for w in report["warnings"]), report["warnings"]
+    assert report["rows"] and all(r["passed"] for r in report["rows"])
+
+
+def test_allow_partial_still_needs_every_weight_of_the_layer(tmp_path):
+    torch_file, _ = _head_files(tmp_path)
+    state = torch.load(torch_file, weights_only=True)
+    del state["sa.value_conv.bias"]
+    torch.save(state, tmp_path / "lacking.pth")
+    code, out, err = _run("--torch-weights", str(tmp_path / "lacking.pth"), "--keras-backend", BACKEND,
+                          "--allow-partial")
+    assert code == 2 and "lacks 1 weight(s)" in err and "sa.value_conv.bias" in err, out + err
+
+
 def test_tolerance_table_is_printed():
     code, out, _ = _run("--tolerances")
     assert code == 0 and "| float32 | layer |" in out

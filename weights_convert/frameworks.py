@@ -173,8 +173,9 @@ def to_keras(weights, arch: ArchSpec | None = None, allow_partial: bool = False,
     if casts and not allow_cast:
         raise ConvertError(f"{len(casts)} tensor(s) would not come back as they are from a Keras file of "
                            f"{spec.describe()}, which holds {spec.dtype} weights and int32 counters: "
-                           f"{_describe_casts(casts)}. Refused; pass --allow-cast (allow_cast=True) to write "
-                           f"them cast, or write .pth/.safetensors/.npz, which keep every dtype.")
+                           f"{_describe_casts(casts)}{_census(weights)}. Refused; pass --allow-cast "
+                           f"(allow_cast=True) to write them cast, or write .pth/.safetensors/.npz, which keep "
+                           f"every dtype.")
     if casts and notes is not None:
         notes.append(f"cast {len(casts)} tensor(s) to fit the Keras {spec.dtype} weights and int32 counters: "
                      f"{_describe_casts(casts)}")
@@ -187,6 +188,25 @@ def _comes_back(source: np.ndarray, value: np.ndarray, rule: str) -> bool:
     if np.dtype(restored or value.dtype) != source.dtype:
         return False
     return value.dtype == source.dtype or np.array_equal(from_keras_layout(value, rule), source)
+
+
+def _census(weights, limit: int = 5) -> str:
+    """`` (the weights are float32 (33), float64 (1: a))``: the dtypes of a mixed set of floating tensors, the
+    names of all but the commonest, which a cast list led by the many widened tensors would hide; ``""`` if one."""
+    groups: dict = {}
+    for name, value in weights.items():
+        dtype = np.asarray(value).dtype.name
+        if "float" in dtype:
+            groups.setdefault(dtype, []).append(name)
+    if len(groups) < 2:
+        return ""
+    ordered = sorted(groups.items(), key=lambda item: -len(item[1]))  # the commonest first, unnamed
+
+    def named(names):
+        return f"{len(names)}: {', '.join(names[:limit])}{', ...' if len(names) > limit else ''}"
+
+    return " (the weights are " + ", ".join(f"{d} ({len(n) if i == 0 else named(n)})"
+                                            for i, (d, n) in enumerate(ordered)) + ")"
 
 
 def _describe_casts(casts, limit: int = 5) -> str:

@@ -73,6 +73,8 @@ class Row:
     headroom: float = 0.0
     relative_to: str = "element"
     norm: float = 0.0  # ||expected||, so groups of rows can give one normwise error
+    nonfinite: int = 0  # NaN or inf elements of the expected tensor (equal NaN masks pass; the report warns)
+    size: int = 0  # elements of the expected tensor
 
     def message(self) -> str:
         return (f"{self.component}/{self.output} [keras-{self.backend} vs {self.against}, {self.device}, "
@@ -233,9 +235,11 @@ def _rows(component, names, actual, expected, dtype, scope, against, device, che
     rows = []
     for name, a, e, scale in zip(names, actual, expected, scales or [None] * len(names)):
         c = compare(name, a, e, tol, scale)
+        e = np.asarray(e, np.float64)
         rows.append(Row(component, name, keras.backend.backend(), device, dtype, c.max_abs, c.max_rel,
                         tol.atol, tol.rtol, c.passed, against, check, c.normwise, c.headroom, tol.relative_to,
-                        float(np.linalg.norm(np.nan_to_num(np.asarray(e, np.float64), posinf=0.0, neginf=0.0)))))
+                        float(np.linalg.norm(np.nan_to_num(e, posinf=0.0, neginf=0.0))),
+                        int(e.size - np.isfinite(e).sum()), int(e.size)))
     return rows
 
 

@@ -162,6 +162,13 @@ def summary_lines(report: dict) -> list:
     for e in report["errors"]:
         where = e["backend"] + (f" / {e['component']}" if e.get("component") else "")
         lines.append(f"ERROR {where}: {e['type']}: {e['message']}".rstrip())
+    nonfinite = [r for r in report["rows"] if r.get("nonfinite")]
+    if nonfinite:
+        first = nonfinite[0]
+        lines.append(f"WARNING: {len(nonfinite)} compared tensor(s) hold NaN or inf (first: {first['component']}/"
+                     f"{first['output']}, {first['nonfinite']} of {first['size']} elements). Equal NaN masks pass: "
+                     f"the frameworks agree, but on numbers that are not sound (weights or input: a negative "
+                     f"running_var, an overflow).")
     verdict = {0: "PASS", 1: "FAIL", 2: "ERROR"}[report["exit_code"]]
     lines.append("")
     lines.append(f"{verdict}: {t['passed']} passed, {t['failed']} failed of {t['rows']} compared tensors; "

@@ -128,3 +128,14 @@ def test_weights_are_compared_exactly_after_the_mapping():
     assert not half["passed"] and "(float32 vs float16)" in half["lines"][1]
     missing = compare_weights(a, {"w": a["w"]})
     assert missing["missing"] == ["n"] and "  n: only in the torch file" in missing["lines"]
+
+
+def test_tensors_that_hold_nan_or_inf_are_flagged_even_when_they_agree():
+    """Equal NaN masks pass (both frameworks computed the same thing), but a report that passes on NaN outputs
+    (say, from a negative running_var) must say so."""
+    clean = _report([_row("fused", 0.1), _row("pam", 0.2)])
+    assert not any("NaN" in line for line in rep.summary_lines(clean))
+    rows = [_row("fused", 0.0), dict(_row("pam", 0.0), nonfinite=12, size=20)]
+    lines = rep.summary_lines(_report(rows))
+    assert lines[-1].startswith("PASS") and ("WARNING: 1 compared tensor(s) hold NaN or inf (first: danet50/pam, "
+                                             "12 of 20 elements)") in "\n".join(lines), lines

@@ -135,16 +135,43 @@ def position_attention_rows(layer, x, points):
     """
     _ensure_built(layer, x)
     check_inputs("PositionAttention.attention_rows", x, layer.data_format, layer.in_channels)
-    pts = check_points(points, _spatial_shape(x, layer.data_format))
+    size = _spatial_shape(x, layer.data_format)
+    pts = check_points(points, size)
     dtype = backend_result_type(x.dtype)
     q = ops.cast(_channels_last(layer.query_conv(x), layer.data_format), dtype)  # (B, H, W, C')
     k = ops.cast(_channels_last(layer.key_conv(x), layer.data_format), dtype)
-    qp = ops.stack([q[:, int(r), int(c), :] for r, c in pts], axis=1)  # (B, P, C')
+    if None in size:  # checked when the graph runs: a point outside that grid gets a row of NaN
+        qp, outside = _query_rows_checked(q, pts)
+    else:
+        qp, outside = ops.stack([q[:, int(r), int(c), :] for r, c in pts], axis=1), None  # (B, P, C')
     energy = ops.einsum("bpc,bhwc->bphw", qp, k)  # no 1/sqrt(d)
     energy = energy - ops.max(energy, axis=(2, 3), keepdims=True)
     e = ops.exp(energy)
-    return e / ops.sum(e, axis=(2, 3), keepdims=True)
+    rows = e / ops.sum(e, axis=(2, 3), keepdims=True)
+    if outside is None:
+        return rows
+    return ops.where(ops.reshape(outside, (1, -1, 1, 1)), ops.cast(float("nan"), rows.dtype), rows)
 
+
+def _query_rows_checked(q, pts):
+    """``(q at pts (B, P, C'), outside (P,) bool)`` for ``q`` ``(B, H, W, C')`` whose ``H`` or ``W`` is known only
+    when the graph runs (a functional model traced with ``None`` sizes).
+
+    A graph cannot raise on every backend when it runs, and indexing outside the grid fails differently on each
+    (JAX clamps to the border: another point's row, silently). Each point is selected by comparing its row and
+    column with the grid's (positions counted from the tensor, as a symbolic size cannot be), and flagged where
+    none matches, so that the caller can give its row NaN. ``where``, not a product with a one-hot mask: an inf
+    elsewhere in ``q`` stays out of the points' rows.
+    """
+    grid_rows = ops.cumsum(ops.ones_like(q[0, :, 0, 0])) - 1  # (H,): 0 .. H - 1
+    grid_cols = ops.cumsum(ops.ones_like(q[0, 0, :, 0])) - 1  # (W,)
+    at_row = ops.equal(ops.expand_dims(grid_rows, 0), ops.cast(pts[:, :1], grid_rows.dtype))  # (P, H)
+    at_col = ops.equal(ops.expand_dims(grid_cols, 0), ops.cast(pts[:, 1:], grid_cols.dtype))  # (P, W)
+    zero = ops.zeros((), q.dtype)
+    q_rows = ops.sum(ops.where(at_row[None, :, :, None, None], ops.expand_dims(q, 1), zero), axis=2)  # (B, P, W, C')
+    qp = ops.sum(ops.where(at_col[None, :, :, None], q_rows, zero), axis=2)  # (B, P, C')
+    outside = ops.logical_not(ops.logical_and(ops.any(at_row, axis=1), ops.any(at_col, axis=1)))
+    return qp, outside
 
 def channel_attention_energy(x, data_format: str = "channels_last"):
     """CAM's energy ``E`` ``(B, C, C)`` of ``x``: the channels' similarity (float32, float64 stays)."""

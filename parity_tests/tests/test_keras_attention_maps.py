@@ -99,6 +99,23 @@ def test_none_spatial_sizes(rng):
         check(f"CAM matrix at {hw}", _np(matrix), ref.channel_attention_matrix(x))
 
 
+@pytest.mark.parametrize("hw", [(1, 9), (5, 3)])
+def test_none_spatial_sizes_a_point_outside_the_run_time_grid_gives_nan_rows(hw, rng):
+    """Traced with ``None`` sizes, a point cannot be checked until the model runs, where a functional model
+    cannot raise on every backend: its row is NaN (JAX's indexing would clamp it to another point's row), and
+    the other points' rows are right."""
+    layer, sd = _pam(rng, 16)
+    inputs = keras.Input((None, None, 16))
+    points = [(0, 0), (2, 3), (0, 2)]
+    model = keras.Model(inputs, layer.attention_rows(inputs, points))
+    x = rng.normal(0, 0.5, (2, 16, *hw)).astype("float32")
+    rows = _np(model(nhwc(x)))
+    inside = [i for i, (r, c) in enumerate(points) if r < hw[0] and c < hw[1]]
+    outside = [i for i in range(len(points)) if i not in inside]
+    assert outside and np.isnan(rows[:, outside]).all()
+    check(f"rows inside {hw}", rows[:, inside], _ref_rows(sd, x, [points[i] for i in inside]))
+
+
 def test_feature_grid_points_match_reference():
     for image, grid in (((33, 41), (5, 6)), ((9, 17), (2, 5)), ((1, 8), (1, 3)), ((7, 7), (1, 1))):
         points = [(r, c) for r in range(image[0]) for c in range(image[1])]

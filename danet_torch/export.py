@@ -32,7 +32,7 @@ import torch
 __all__ = ["to_onnx", "export_onnx", "output_names", "INPUT_NAME", "DYNAMIC_AXES"]
 
 INPUT_NAME = "input"
-# Axis names of the input; outputs keep batch/height/width (DANet: the input's height/width).
+# The input's dynamic axes (the legacy exporter's names; dynamo names them itself); outputs keep them.
 DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
 MULTI_OUTPUT_NAMES = ("fused", "pam", "cam")
 LEGACY_OPSET = 17
@@ -108,8 +108,10 @@ def to_onnx(module: torch.nn.Module, example_input: torch.Tensor, dynamic: bool 
         example_input: ``(B, C, H, W)`` tensor to trace with. With
             ``dynamic``, batch 1 is traced as batch 2 (torch.export would
             otherwise fix the batch to 1) and height/width must be >= 2.
-        dynamic: Batch, height and width dynamic (axes ``batch``, ``height``,
-            ``width``); otherwise the example's shape is fixed.
+        dynamic: Batch, height and width dynamic (the legacy exporter names
+            the axes ``batch``, ``height``, ``width``; the dynamo exporter
+            its own symbols, such as ``s77``); otherwise the example's shape
+            is fixed.
         opset: ONNX opset (default: the exporter's; 17 for the legacy one).
         exporter: ``"auto"`` (``torch.export``-based, legacy on failure),
             ``"dynamo"`` or ``"legacy"``.
@@ -149,11 +151,14 @@ def to_onnx(module: torch.nn.Module, example_input: torch.Tensor, dynamic: bool 
 def export_onnx(module: torch.nn.Module, path, example_input: torch.Tensor, **kwargs) -> str:
     """:func:`to_onnx`, saved to ``path`` (``.onnx``); return the exporter used.
 
-    Nothing is written when the export fails. For an atomic write that never
-    replaces an existing file, use ``danet-convert WEIGHTS MODEL.onnx`` (or
-    ``weights_convert.save``).
+    Written atomically: to a temporary file beside ``path``, renamed into
+    place, so that a failed export or write leaves nothing new and an existing
+    ``path`` as it was (a successful one replaces it, as ``torch.onnx.export``
+    does; ``danet-convert WEIGHTS MODEL.onnx`` refuses without ``--force``).
     """
     import onnx
+
+    from weights_convert.atomic import atomic_target
 
     path = Path(path)
     if path.suffix.lower() != ".onnx":
@@ -161,5 +166,6 @@ def export_onnx(module: torch.nn.Module, path, example_input: torch.Tensor, **kw
     if not path.parent.is_dir():
         raise ValueError(f"The folder of `path` {str(path)!r} does not exist.")
     model, used = to_onnx(module, example_input, **kwargs)
-    onnx.save(model, str(path))
+    with atomic_target(path, ".onnx") as tmp:
+        onnx.save(model, str(tmp))
     return used

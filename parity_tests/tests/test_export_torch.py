@@ -109,6 +109,25 @@ def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """``export_onnx`` writes a temporary file beside ``path`` and renames it: a write that fails half-way (a
+    full disk) leaves the file that was there as it was."""
+    import onnx
+
+    path = tmp_path / "cam.onnx"
+    path.write_bytes(b"the previous export")
+
+    def half_written(model, target, *args, **kwargs):
+        with open(target, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(onnx, "save", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        dexport.export_onnx(dt.ChannelAttention(8), path, torch.randn(2, 8, 4, 4))
+    assert path.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["cam.onnx"]
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(path="x.pt"), ValueError, "must end in .onnx"),
     (dict(example_input=np.zeros((2, 8, 4, 4))), TypeError, "`example_input`"),

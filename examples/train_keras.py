@@ -138,9 +138,17 @@ def build_parser():
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    needs = {"data-parallel": "jax", "mirrored": "tensorflow"}.get(args.distribute)
+    if needs is not None and keras.backend.backend() != needs:
+        parser.error(f"--distribute {args.distribute} needs KERAS_BACKEND={needs}, got {keras.backend.backend()}")
     keras.utils.set_random_seed(args.seed)
-    train = FolderDataset(scan(args.data, args.num_classes), args.batch_size, crop=args.crop, seed=args.seed)
+    pairs = scan(args.data, args.num_classes)
+    if len(pairs) < args.batch_size:
+        parser.error(f"{len(pairs)} training image(s) make no batch of --batch-size {args.batch_size}; "
+                     f"give a smaller --batch-size or more images")
+    train = FolderDataset(pairs, args.batch_size, crop=args.crop, seed=args.seed)
     steps = args.steps_per_epoch or len(train)
     scope, val_batch = None, 1
     if args.distribute == "data-parallel":

@@ -57,3 +57,18 @@ def test_scan_reports_bad_pairs(tmp_path):
     (data / "masks" / "001.png").unlink()
     with pytest.raises(ValueError, match=r"001.png: no `001.png` in masks/"):
         _example().scan(data, 3)
+
+
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/ not present (installed package)")
+def test_train_keras_refuses_what_cannot_run_before_building_a_model(tmp_path, capsys):
+    data = make_segmentation_folder(tmp_path / "train", 3, size=16, block=8)
+    base = ["--data", str(data), "--num-classes", "3", "--backbone", "resnet50", "--crop", "16",
+            "--out", str(tmp_path / "out")]
+    other = {"jax": "mirrored", "tensorflow": "data-parallel", "torch": "mirrored"}[keras.backend.backend()]
+    needs = {"mirrored": "KERAS_BACKEND=tensorflow", "data-parallel": "KERAS_BACKEND=jax"}[other]
+    for argv, message in ((["--batch-size", "4"], "3 training image(s) make no batch of --batch-size 4"),
+                          (["--distribute", other], f"--distribute {other} needs {needs}")):
+        with pytest.raises(SystemExit) as info:
+            _example().main(base + argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -277,7 +277,8 @@ def danet_attention_maps(model, images, points, training=False) -> AttentionMaps
 
     Args:
         model: A ``DANet``.
-        images: ``(B, H, W, 3)`` (the model's data format), ImageNet-normalised RGB, concrete.
+        images: ``(B, H, W, in_channels)`` (the model's data format), normalised as the model was trained
+            (ImageNet's RGB statistics for the released weights), concrete.
         points: ``(row, col)`` pixel pairs, rows ``0..H-1``, cols ``0..W-1``.
         training: Passed to the layers (BatchNorm, dropout).
 
@@ -287,7 +288,7 @@ def danet_attention_maps(model, images, points, training=False) -> AttentionMaps
     """
     if not model.built:
         model.build(tuple(images.shape))
-    check_inputs("DANet.attention_maps", images, model.data_format, 3)
+    check_inputs("DANet.attention_maps", images, model.data_format, model.in_channels)
     size = _static_size("DANet.attention_maps", images, model.data_format)
     check_points(points, size)  # fail before the backbone runs
     c4 = model.pretrained(images, training=training)[-1]

@@ -251,7 +251,8 @@ def danet_attention_maps(model, images: torch.Tensor, points) -> AttentionMaps:
 
     Args:
         model: A ``DANet`` (its mode is kept: call ``eval()`` first).
-        images: ``(B, 3, H, W)``, ImageNet-normalised RGB.
+        images: ``(B, in_channels, H, W)``, normalised as the model was trained (ImageNet's RGB
+            statistics for the released weights).
         points: ``(row, col)`` pixel pairs, rows ``0..H-1``, cols ``0..W-1``.
 
     Returns:
@@ -259,7 +260,7 @@ def danet_attention_maps(model, images: torch.Tensor, points) -> AttentionMaps:
         ``segmentation`` ``(B, H, W)`` and the feature-grid points used
         (``h = ceil(H / output_stride)`` for the official backbone).
     """
-    check_input(images, 3, "DANet.attention_maps")
+    check_input(images, model.in_channels, "DANet.attention_maps")
     size = tuple(images.shape[-2:])
     check_points(points, size)  # fail before the backbone runs
     c4 = model.pretrained(images)[-1]

@@ -75,13 +75,17 @@ def _check_output(path, ext: str, flag: str, force: bool) -> Path | None:
     return check_output(path, f"`{flag}`", force)
 
 
-def load_image(path, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """``(display, model_input)``: ``(H, W[, 3])`` in ``[0, 1]`` and ``(H, W, C)`` float32.
+def load_image(path, normalize: bool = True, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """``(display, model_input)``: ``(H, W[, C])`` in ``[0, 1]`` and ``(H, W, C)`` float32.
 
-    PNG/JPEG (any mode Pillow reads, converted to RGB) and uint8 ``.npy``
-    arrays are scaled to ``[0, 1]`` and ImageNet-normalised (unless not
-    ``normalize``); float ``.npy`` arrays are the model input as they are.
+    PNG/JPEG (any mode Pillow reads, converted to the model's ``channels``:
+    1 grey, 3 RGB, 4 RGBA) and uint8 ``.npy`` arrays are scaled to ``[0, 1]``
+    and normalised as ``danet-train`` normalises them (unless not
+    ``normalize``: ImageNet's mean and std, their average for grey, repeated
+    beyond 3 channels); float ``.npy`` arrays are the model input as they are.
     """
+    from danet_torch.data import IMAGE_MODES, default_normalization
+
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"IMAGE {str(path)!r} does not exist or is not a file.")
@@ -108,13 +112,18 @@ def load_image(path, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
         except ImportError:
             raise UsageError("reading PNG/JPEG needs Pillow: pip install 'danet[viz]'") from None
         try:
+            if channels not in IMAGE_MODES:
+                raise UsageError(f"IMAGE {str(path)!r}: a PNG/JPEG gives 1 (grey), 3 (RGB) or 4 (RGBA) channels, "
+                                 f"the model takes {channels}: give a (H, W, {channels}) .npy array.")
             with Image.open(path) as img:
-                pixels = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+                pixels = np.asarray(img.convert(IMAGE_MODES[channels]), dtype=np.float64) / 255.0
+            pixels = pixels.reshape(*pixels.shape[:2], -1)  # grey: (H, W, 1)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise UsageError(f"IMAGE {str(path)!r} is not a readable image (PNG/JPEG or .npy): {e}") from None
     model_input = pixels
-    if normalize and pixels.shape[-1] == 3:
-        model_input = (pixels - IMAGENET_MEAN) / IMAGENET_STD
+    if normalize and pixels.shape[-1] == channels:
+        mean, std = (np.asarray(v) for v in default_normalization(channels))
+        model_input = (pixels - mean) / std
     return _squeeze(pixels), model_input.astype(np.float32)
 
 
@@ -196,16 +205,17 @@ def run(args) -> str:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--out needs matplotlib: pip install 'danet[viz]'") from None
-    display, image = load_image(args.image, normalize=not args.no_normalize)
-    size = image.shape[:2]
-    points = _query_points(args, size)
     neutral, spec = wc.load(args.weights, **arch_options(args))
     spec = spec.replace(dtype="float32")
+    display, image = load_image(args.image, normalize=not args.no_normalize,
+                                channels=spec.in_channels if spec.kind == "danet" else 3)
+    size = image.shape[:2]
+    points = _query_points(args, size)
     if spec.kind == "danet":
         if args.features:
             raise UsageError("`--features` is for DANetHead weights; these are " + spec.describe() + ".")
-        if image.shape[-1] != 3:
-            raise UsageError(f"IMAGE has {image.shape[-1]} channel(s); {spec.describe()} takes 3 (RGB).")
+        if image.shape[-1] != spec.in_channels:
+            raise UsageError(f"IMAGE has {image.shape[-1]} channel(s); {spec.describe()} takes {spec.in_channels}.")
         inputs = np.transpose(image, (2, 0, 1))[None]
     elif spec.kind == "head":
         if not args.features:

@@ -84,6 +84,30 @@ def test_danet_image_is_imagenet_normalised(files, tmp_path):
         _compare("DANet npz vs API", dict(got), want)
 
 
+@pytest.mark.parametrize("channels, framework", [(1, "torch"), (4, "torch"),
+                                                 pytest.param(1, "keras", marks=pytest.mark.keras)])
+def test_a_danet_of_other_input_channels_takes_its_images_as_danet_train_reads_them(channels, framework, tmp_path):
+    """A grey (1) or RGBA (4) model, as danet-train trains them: the image converted to that mode and normalised
+    with danet-train's rule (the RGB mean for grey, RGB repeated beyond 3 channels); both frameworks."""
+    from danet_torch.data import default_normalization
+
+    danet = randomize_(dt.DANet(3, backbone="resnet50", in_channels=channels, output_stride=32, multi_grid=None),
+                       seed=12).eval()
+    torch.save(danet.state_dict(), tmp_path / "w.pth")
+    pixels = np.random.default_rng(1).integers(0, 256, (*SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    assert _run(tmp_path / "w.pth", tmp_path / "image.png", "--backbone", "resnet50", "--output-stride", "32",
+                "--multi-grid", "none", "--points", "5,7", "--npz", tmp_path / "maps.npz", "--framework", framework) == 0
+    with Image.open(tmp_path / "image.png") as img:
+        converted = np.asarray(img.convert({1: "L", 4: "RGBA"}[channels]), dtype=np.float64).reshape(*SIZE, -1)
+    mean, std = (np.asarray(v) for v in default_normalization(channels))
+    x = (converted / 255.0 - mean) / std
+    want = danet.attention_maps(torch.from_numpy(np.transpose(x, (2, 0, 1))[None].astype("float32")), [(5, 7)])
+    with np.load(tmp_path / "maps.npz") as got:
+        _compare(f"{channels}-channel DANet, {framework}", dict(got), want.numpy(),
+                 "model" if framework == "keras" else "layer")
+
+
 @pytest.mark.keras
 def test_keras_framework_gives_the_torch_maps(files, tmp_path):
     pytest.importorskip("keras")
@@ -109,7 +133,7 @@ def _bad_inputs(d, tmp_path):
         "feature channels": ([d / "head.pth", d / "image.png", "--features", tmp_path / "feat16.npy",
                               "--points", "0,0"], "has 16 channels"),
         "image channels": ([d / "danet50.pth", tmp_path / "rgba.npy", "--backbone", "resnet50", "--points", "0,0"],
-                           "IMAGE has 4 channel(s)"),
+                           "IMAGE has 4 channel(s); DANet"),
         "no features": ([d / "head.pth", d / "image.png", "--points", "0,0"], "pass --features"),
         "unreadable weights": ([tmp_path / "broken.pth", d / "image.png", "--points", "0,0"], "broken.pth"),
         "grid too large": ([*head, "--grid", "9"], "`--grid` must be 1..8"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -196,6 +197,8 @@ def run(args) -> str:
 
     if args.out is None and args.npz is None:
         raise UsageError("nothing to write: pass --out FIG.png and/or --npz MAPS.npz.")
+    if not os.path.isfile(args.weights):  # before the loader, which would call it danet-convert's SRC
+        raise UsageError(f"WEIGHTS {str(args.weights)!r} does not exist or is not a file.")
     out = _check_output(args.out, ".png", "--out", args.force)
     npz = _check_output(args.npz, ".npz", "--npz", args.force)
     if out is not None and npz is not None and out.resolve() == npz.resolve():

@@ -136,12 +136,15 @@ def _bad_inputs(d, tmp_path):
                            "IMAGE has 4 channel(s); DANet"),
         "no features": ([d / "head.pth", d / "image.png", "--points", "0,0"], "pass --features"),
         "unreadable weights": ([tmp_path / "broken.pth", d / "image.png", "--points", "0,0"], "broken.pth"),
+        "missing weights": ([tmp_path / "none.pth", d / "image.png", "--points", "0,0"],
+                            f"WEIGHTS {str(tmp_path / 'none.pth')!r} does not exist or is not a file"),
         "grid too large": ([*head, "--grid", "9"], "`--grid` must be 1..8"),
     }
 
 
 @pytest.mark.parametrize("case", ["point outside", "negative point", "unreadable image", "missing image",
                                   "feature channels", "image channels", "no features", "unreadable weights",
+                                  "missing weights",
                                   "grid too large"])
 def test_bad_input_exits_2_and_writes_nothing(case, files, tmp_path, capsys):
     out_dir = tmp_path / "out"

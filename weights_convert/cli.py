@@ -144,7 +144,7 @@ def _raise_terminated(signum, frame):
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
+def _stop_signals_raise():
     """The stop signals raise :class:`Terminated` inside (the previous handlers are restored after); a no-op
     outside the main thread, where Python cannot set handlers."""
     if threading.current_thread() is not threading.main_thread():
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up logs drown the converter's lines
     parser = build_parser()
     args = parser.parse_args(argv)
-    with _sigterm_raises():
+    with _stop_signals_raise():
         return _convert(parser, args)
 
 

@@ -267,8 +267,8 @@ def _layer_scales(labels, expected):
     largest = {}
     for name, e in zip(layer, expected):
         if name is not None:
-            largest[name] = max(largest.get(name, 0.0), float(np.nanmax(np.abs(np.nan_to_num(e, posinf=0.0, neginf=0.0)),
-                                                                           initial=0.0)))
+            finite = np.abs(np.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0))
+            largest[name] = max(largest.get(name, 0.0), float(finite.max(initial=0.0)))
     return [None if name is None else largest[name] for name in layer]
 
 

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "ImageNet normalisation")
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.add_argument("--title", help="figure title (default: the weights' architecture)")
-    add_arch_options(p)
+    add_arch_options(p, source="WEIGHTS")
     return p
 
 

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a file whose model holds more than the danet layer (save_weights or .keras of a U-Net "
                         "with DualAttention inside): compare that layer, the rest left out and listed; the "
                         "layer's own weights must all be there")
-    add_arch_options(p)
+    add_arch_options(p, source="the weights files")
     r = p.add_argument_group("what to run")
     r.add_argument("--components", help="with random weights: comma-separated from " + ",".join(COMPONENT_NAMES)
                    + f" (default: {','.join(DEFAULT_COMPONENTS)})")

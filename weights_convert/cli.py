@@ -36,9 +36,11 @@ def _multi_grid(values):
         raise argparse.ArgumentTypeError(f"`--multi-grid` takes dilations (e.g. 4 8 16) or `none`, got {values}")
 
 
-def add_arch_options(p: argparse.ArgumentParser) -> None:
-    """The architecture options (record fields), shared by ``danet-convert`` and ``danet-parity``."""
-    g = p.add_argument_group("architecture (default: the record stored in SRC, else inferred from the weights)")
+def add_arch_options(p: argparse.ArgumentParser, source: str = "SRC") -> None:
+    """The architecture options (record fields), shared by ``danet-convert``, ``danet-parity`` and
+    ``danet-attention``; ``source`` names the command's weights argument in the group's title."""
+    g = p.add_argument_group(f"architecture (default: the record stored in {source}, else inferred from the "
+                             "weights)")
     g.add_argument("--arch", choices=ARCHS, help="kind of model")
     g.add_argument("--num-classes", type=int, help="classes of DANetHead / DANet")
     g.add_argument("--backbone", choices=sorted(BACKBONE_DEPTHS), help="DANet backbone")

@@ -218,3 +218,15 @@ def test_load_image_rules(tmp_path):
     display, x = attention_cli.load_image(tmp_path / "raw.npy")  # float .npy: used as is
     np.testing.assert_array_equal(x, pixels.astype("float32"))
     assert display.min() == 0.0 and display.max() == 1.0
+
+
+@pytest.mark.parametrize("module, source", [("weights_convert.cli", "SRC"), ("parity_tests.cli", "the weights files"),
+                                            ("parity_tests.attention_cli", "WEIGHTS")])
+def test_help_names_the_commands_own_weights_argument(module, source):
+    """The architecture options are shared; their group's title names each command's weights (``danet-attention``
+    has no SRC)."""
+    import importlib
+
+    text = importlib.import_module(module).build_parser().format_help()
+    titles = [line for line in text.splitlines() if line.startswith("architecture (default")]
+    assert titles == [f"architecture (default: the record stored in {source}, else inferred from the weights):"]

@@ -118,7 +118,10 @@ def infer_record(weights: Mapping, hints: Mapping | None = None, overrides: Mapp
     except (IndexError, TypeError) as e:  # a tensor of the wrong rank
         raise ConvertError(f"Cannot infer the architecture: a tensor has an unexpected rank ({e}).") from e
     fields.update(hints)
+    # A required field the weights do not show (`num_classes` of weights without a classifier) is the option's
+    # from the start: no record can be made without it, so it cannot wait to override one.
     if kind in KINDS:
+        fields.update({k: overrides[k] for k in KINDS[kind].required if k not in fields and k in overrides})
         for name in ASSUMPTIONS:
             if name in KINDS[kind].fields and name not in hints and name not in overrides:
                 notes.append(ASSUMPTIONS[name])

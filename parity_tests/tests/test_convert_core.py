@@ -93,6 +93,21 @@ def test_infer_overrides():
     assert (got.output_stride, got.multi_grid, got.backbone, got.num_classes) == (16, None, "resnet101", 19)
 
 
+def test_an_option_gives_a_required_field_the_weights_do_not_show(tmp_path, capsys):
+    """DualAttention weights have no classifier to show ``num_classes``: `--arch head --num-classes 5` (the
+    error's own advice) must be taken, and `--allow-partial` then starts a DANetHead from them."""
+    head = SMALL_SPECS["head"]
+    neutral = {k: np.zeros(s, np.float32) for k, s in expected_shapes(head).items() if not k.startswith("conv8.")}
+    assert wc.infer_arch(neutral, num_classes=5) == head
+    dual = wc.from_torch(random_torch_model(SMALL_SPECS["dual_attention"]))
+    torch.save({k: torch.from_numpy(v) for k, v in dual.items()}, tmp_path / "dual.pth")
+    assert main([str(tmp_path / "dual.pth"), str(tmp_path / "head.pth"), "--arch", "head", "--num-classes", "5",
+                 "--allow-partial", "-q"]) == 0, capsys.readouterr().err
+    back = wc.load(tmp_path / "head.pth", allow_partial=True)
+    assert back.arch == ArchSpec("head", in_channels=64, num_classes=5)
+    assert all(np.array_equal(back.weights[k], dual[k]) for k in back.weights if not k.startswith("conv8."))
+
+
 @pytest.mark.parametrize("ext", [".pth", ".pt", ".safetensors", ".npz"])
 @pytest.mark.parametrize("name", sorted(SMALL_SPECS))
 def test_torch_formats_round_trip_bit_exact(tmp_path, ext, name):

@@ -260,7 +260,11 @@ def _verify(args, ckpt) -> int:
     for c in checks:
         print(f"verify {c.message()}", flush=True)
         status = status if c.passed else 1
-    if status:
+    unmeasured = [c.name.split(" ")[0] for c in checks if c.size and c.nonfinite == c.size]
+    if unmeasured:
+        print(f"verify: FAILED, every element of {', '.join(unmeasured)} is NaN or inf in both models: nothing "
+              f"could be compared (do the weights hold NaN or inf?)", file=sys.stderr)
+    elif status:
         print("verify: FAILED, outputs differ above the tolerance table", file=sys.stderr)
     return status
 

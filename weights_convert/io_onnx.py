@@ -144,7 +144,7 @@ def verify_onnx(weights, spec: ArchSpec, path, seed: int = 0, size: int | None =
     import numpy as np
 
     from .tolerances import compare, tolerance
-    from .verify import example_input, run_model
+    from .verify import example_input, measured, run_model
 
     try:
         import onnxruntime as ort
@@ -162,4 +162,4 @@ def verify_onnx(weights, spec: ArchSpec, path, seed: int = 0, size: int | None =
     if len(got) != len(expected):
         raise ConvertError(f"{str(path)!r} gives {len(got)} outputs, the torch model {len(expected)}.")
     tol = tolerance("float32", spec.info.scope)
-    return [compare(f"{n} (torch -> onnxruntime)", g, e, tol) for n, g, e in zip(names, got, expected)]
+    return [measured(compare(f"{n} (torch -> onnxruntime)", g, e, tol)) for n, g, e in zip(names, got, expected)]

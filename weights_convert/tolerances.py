@@ -137,10 +137,14 @@ class Comparison:
     nan_mismatch: bool = False
     normwise: float = 0.0
     headroom: float = 0.0
+    nonfinite: int = 0  # NaN or inf elements of the expected array: left out (NaN) or equal (inf), not measured
+    size: int = 0  # elements of the expected array
 
     def message(self) -> str:
         status = "PASS" if self.passed else "FAIL"
         nan = " (NaN masks differ)" if self.nan_mismatch else ""
+        if self.nonfinite:
+            nan += f" ({self.nonfinite} of {self.size} elements NaN or inf, not measured)"
         return (f"{self.name}: {status}{nan} max|diff|={self.max_abs:.3e} "
                 f"max rel={self.max_rel:.3e} normwise={self.normwise:.3e} headroom={self.headroom:.3g} "
                 f"tolerance atol={self.tol.atol:g} rtol={self.tol.rtol:g}")
@@ -178,6 +182,7 @@ def compare(name: str, actual, expected, tol: Tolerance, scale: float | None = N
     e = np.asarray(expected, dtype=np.float64)
     if a.shape != e.shape:
         raise ValueError(f"{name}: shape {a.shape} differs from the expected {e.shape}")
+    size, nonfinite = int(e.size), int(e.size - np.isfinite(e).sum())
     nan_a, nan_e = np.isnan(a), np.isnan(e)
     nan_mismatch = bool((nan_a != nan_e).any())
     if nan_a.any() or nan_e.any():
@@ -187,7 +192,7 @@ def compare(name: str, actual, expected, tol: Tolerance, scale: float | None = N
         a, e = a.reshape(-1), e.reshape(-1)
     if not a.size:
         return Comparison(name, 0.0, 0.0, tol, not nan_mismatch, nan_mismatch, 0.0,
-                          float("inf") if nan_mismatch else 0.0)
+                          float("inf") if nan_mismatch else 0.0, nonfinite, size)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN here, zero below where they are equal
         delta = a - e
     diff = np.abs(delta)
@@ -220,7 +225,8 @@ def compare(name: str, actual, expected, tol: Tolerance, scale: float | None = N
     normwise = float(err / ref) if ref > 0 else (0.0 if err == 0 else float("inf"))
     if nan_mismatch or not np.isfinite(max_abs):
         headroom = float("inf")
-    return Comparison(name, max_abs, max_rel, tol, ok and not nan_mismatch, nan_mismatch, normwise, headroom)
+    return Comparison(name, max_abs, max_rel, tol, ok and not nan_mismatch, nan_mismatch, normwise, headroom,
+                      nonfinite, size)
 
 
 def table_markdown() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import numpy as np
@@ -10,8 +11,7 @@ from .arch import ArchSpec
 from .errors import ConvertError
 from .tolerances import compare, tolerance
 
-__all__ = ["example_input", "run_model", "verify"]
-
+__all__ = ["example_input", "run_model", "verify", "measured"]
 
 
 def example_input(spec: ArchSpec, seed: int = 0, size: int | None = None) -> np.ndarray:
@@ -49,6 +49,12 @@ def run_model(weights, spec: ArchSpec, framework: str, x_nchw: np.ndarray) -> li
     return arrays if first else [np.transpose(a, (0, 3, 1, 2)) for a in arrays]
 
 
+def measured(c):
+    """``c``, failed if it measured no element: an output that is NaN or inf everywhere in both models (weights
+    holding NaN, an overflow) has equal masks and no difference, which says nothing of the conversion."""
+    return dataclasses.replace(c, passed=False) if c.passed and c.size and c.nonfinite == c.size else c
+
+
 def verify(src_weights, src_spec, src_framework, dst_weights, dst_spec, dst_framework, seed: int = 0,
            size: int | None = None):
     """``[Comparison]`` of every output of the two models (tolerances from :mod:`weights_convert.tolerances`)."""
@@ -58,5 +64,5 @@ def verify(src_weights, src_spec, src_framework, dst_weights, dst_spec, dst_fram
     if len(a) != len(b):
         raise ConvertError(f"the models give {len(a)} and {len(b)} outputs")
     tol = tolerance(src_spec.dtype, src_spec.info.scope)
-    return [compare(f"{n} ({src_framework} -> {dst_framework})", bb, aa, tol)
+    return [measured(compare(f"{n} ({src_framework} -> {dst_framework})", bb, aa, tol))
             for n, aa, bb in zip(src_spec.outputs, a, b)]

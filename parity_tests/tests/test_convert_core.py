@@ -145,6 +145,25 @@ def test_official_checkpoint_converts_and_verifies(tmp_path, capsys):
     _same(wc.from_torch(random_torch_model(spec)), back)
 
 
+def test_verify_of_outputs_that_are_nan_everywhere_is_no_pass(tmp_path, capsys):
+    """A diverged checkpoint (a NaN CAM gamma) gives NaN in every element of both models: equal NaN masks and no
+    difference left to measure is not a verification, and a NaN in a few elements is counted aloud."""
+    spec = SMALL_SPECS["head"]
+    model = random_torch_model(spec)
+    with torch.no_grad():
+        model.sc.gamma.fill_(float("nan"))
+    torch.save(model.state_dict(), tmp_path / "nan.pth")
+    assert main([str(tmp_path / "nan.pth"), str(tmp_path / "out.safetensors"), "--verify", "-q"]) == 1
+    out, err = capsys.readouterr()
+    x = torch.randn(1, 64, 9, 11, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused, pam, cam = model(x)
+    assert torch.isnan(fused).all() and torch.isnan(cam).all() and not torch.isnan(pam).any()  # what to report
+    assert f"verify fused (torch -> torch): FAIL ({fused.numel()} of {fused.numel()} elements NaN or inf" in out
+    assert "verify pam (torch -> torch): PASS" in out
+    assert "every element of fused, cam is NaN or inf in both models" in err and (tmp_path / "out.safetensors").exists()
+
+
 def test_mmseg_head_only_when_backbone_differs(tmp_path, capsys):
     spec = DANET_SPECS["danet50_deep"]
     neutral = wc.from_torch(random_torch_model(spec))

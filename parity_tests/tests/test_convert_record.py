@@ -138,3 +138,15 @@ def test_numpy_integers_are_accepted():
                          ids=["danet", "head", "dual", "pam", "cam"])
 def test_a_built_torch_model_gives_its_record_back(spec):
     assert wc.frameworks.spec_from_torch(spec.build_torch()) == spec.replace(data_format="channels_last")
+
+
+def test_a_model_in_hand_is_saved_with_its_own_record(tmp_path):
+    """From a trained danet_torch model, ``wc.spec_from_torch`` gives what the weights cannot show (output stride
+    16, no multi-grid, dropout): inferred from the weights, the record would say 8, (4, 8, 16) and 0.1."""
+    model = random_torch_model(HIDDEN, seed=4)
+    weights = wc.from_torch(model)
+    assert wc.infer_record(weights)[0].output_stride == 8  # what the weights alone give
+    wc.save(weights, tmp_path / "m.safetensors", wc.spec_from_torch(model))
+    back = wc.load(tmp_path / "m.safetensors")
+    assert back.arch == HIDDEN.replace(data_format="channels_last") and back.stored_record
+    _same(weights, back.weights)

@@ -116,7 +116,8 @@ def load(path, *, key: str | None = None, strip_prefix: str | None = None, allow
         path: ``.pth``/``.pt`` (ours, a state_dict, the official checkpoint dict, mmseg's),
             ``.safetensors``, ``.npz``, ``.weights.h5`` or ``.keras`` (``.onnx`` is write-only).
         key: The checkpoint entry holding the weights (``model``, ``ema``, ...); default ``state_dict``.
-        strip_prefix: A prefix every key carries (``model.``); ``module.`` is removed by default.
+        strip_prefix: A prefix every key carries (``model.``); ``module.`` is removed by default. With
+            ``allow_partial``, the keys outside it are left out (a module inside a user's model).
         allow_partial: Keep what fits instead of raising; what was left out is in ``notes``.
         **overrides: Record fields (``kind``, ``num_classes``, ``multi_grid``, ...) that win over the
             stored or inferred record, each change said in ``notes``. ``None`` is a value

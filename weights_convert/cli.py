@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arch_options(p)
     p.add_argument("--key", help="the checkpoint entry holding the weights (model, ema, ...; dotted for deeper "
                                  "nesting); default: `state_dict` when present")
-    p.add_argument("--strip-prefix", metavar="PREFIX", help="remove PREFIX (e.g. `model.`) from every key")
+    p.add_argument("--strip-prefix", metavar="PREFIX", help="remove PREFIX (e.g. `model.`) from every key; with "
+                                                          "--allow-partial, keep only the keys under it (the "
+                                                          "DANet module inside a model of yours)")
     p.add_argument("--onnx-from", choices=("torch", "keras"), default=None,
                    help="with an .onnx DST: which framework builds and exports the model (default torch; keras "
                         "needs KERAS_BACKEND=tensorflow and tf2onnx)")

@@ -4,7 +4,8 @@
   training script's checkpoint, also mmseg's with ``meta``, and ours with
   ``arch``); a ``module.`` prefix (DataParallel) is removed. Other nestings
   (``model``, ``ema``, ...) and prefixes (``model.``) are named in the error
-  with the option that selects them (``key``, ``strip_prefix``).
+  with the option that selects them (``key``, ``strip_prefix``), and so is a
+  DANet module inside another model (``strip_prefix`` with ``allow_partial``).
 * mmsegmentation ``DAHead`` (``decode_head.*``) into ``DANetHead`` names, and
   its ``ResNetV1c`` backbone (``backbone.*``) into our deep-stem backbone when
   the shapes match; otherwise refused, or the head alone with
@@ -18,8 +19,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .arch import ArchSpec, BACKBONE_DEPTHS, expected_shapes
+from .arch import KINDS, ArchSpec, BACKBONE_DEPTHS, expected_shapes
 from .errors import ConvertError
+from .infer import detect_kind
 
 __all__ = ["import_checkpoint", "import_mmseg", "check_recognisable", "MMSEG_HEAD_MAP", "MMSEG_STEM_MAP"]
 
@@ -44,6 +46,9 @@ NESTING_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "ema",
 OUR_ROOTS = ("pretrained", "head", "conv5a", "conv5c", "conv51", "conv52", "conv6", "conv7", "conv8", "sa", "sc",
              "query_conv", "key_conv", "value_conv", "gamma", "decode_head", "backbone", "auxiliary_head")
 RESNET_KEYS = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer4.0.conv1.weight")
+# Keys that mark a DANet module (those :func:`~weights_convert.infer.detect_kind` reads), found inside a user's model.
+MODULE_MARKERS = ("pretrained.conv1.weight", "pretrained.conv1.0.weight", "conv8.1.weight", "conv5a.0.weight",
+                  "query_conv.weight")
 
 
 def _preview(keys, n=3):
@@ -88,15 +93,19 @@ def _select(obj, key, notes):
     return obj
 
 
-def _strip(sd, prefix, notes):
+def _strip(sd, prefix, notes, allow_partial=False):
+    """``sd`` without ``prefix`` (or DataParallel's ``module.``); keys outside the prefix are refused, or, with
+    ``allow_partial``, left out: the DANet module inside a user's model (a U-Net's ``bottleneck.1.``) alone."""
     if prefix is not None:
         prefix = prefix if prefix.endswith(".") else prefix + "."
         outside = [k for k in sd if not k.startswith(prefix)]
-        if outside:
+        if outside and not allow_partial:
             raise ConvertError(f"`--strip-prefix {prefix}`: {len(outside)} key(s) do not start with it "
-                               f"({_preview(outside)}).")
+                               f"({_preview(outside)}); pass --allow-partial to keep only the keys under it.")
+        if outside:
+            notes.append(f"left out {len(outside)} key(s) outside `{prefix}` ({_preview(outside)})")
         notes.append(f"removed the prefix `{prefix}` from every key")
-        return OrderedDict((k[len(prefix):], v) for k, v in sd.items())
+        return OrderedDict((k[len(prefix):], v) for k, v in sd.items() if k.startswith(prefix))
     if sd and all(k.startswith("module.") for k in sd):
         notes.append("removed the `module.` prefix (DataParallel)")
         return OrderedDict((k[len("module."):], v) for k, v in sd.items())
@@ -111,8 +120,27 @@ def _common_prefix(sd) -> str | None:
     return None
 
 
+def _inner_module(sd):
+    """``(prefix, kind, keys)`` of the outermost DANet module among the keys of another model, or ``None``."""
+    prefixes = {k[:-len(m)] for k in sd for m in MODULE_MARKERS if k.endswith("." + m)}
+    for prefix in sorted(prefixes, key=len):
+        keys = [k for k in sd if k.startswith(prefix)]
+        kind = detect_kind(k[len(prefix):] for k in keys)
+        if kind is not None:
+            return prefix, kind, keys
+    return None
+
+
 def check_recognisable(sd) -> None:
-    """Raise a clear error for weights that are not a DANet record: a wrapper's prefix, an ImageNet ResNet."""
+    """Raise a clear error for weights that are not a DANet record: a wrapper's prefix, a DANet module inside
+    another model, an ImageNet ResNet."""
+    inner = _inner_module(sd) if detect_kind(sd) is None else None
+    others = [k for k in sd if not k.startswith(inner[0])] if inner else []
+    if others:
+        prefix, kind, keys = inner
+        raise ConvertError(f"The weights hold a {KINDS[kind].class_name} under `{prefix}` ({len(keys)} tensors) "
+                           f"beside {len(others)} other key(s) ({_preview(others)}): pass `--strip-prefix {prefix} "
+                           f"--allow-partial` to convert it alone.")
     prefix = _common_prefix(sd)
     if prefix is not None:
         raise ConvertError(f"Every key starts with `{prefix}` (for example {_preview(sd, 2)}), which no DANet "
@@ -135,7 +163,8 @@ def import_checkpoint(obj, key: str | None = None, strip_prefix: str | None = No
         key: The entry that holds the weights (dotted for deeper nesting);
             default: ``state_dict`` when present, else ``obj`` itself.
         strip_prefix: A prefix every key carries (``model.``); default: only
-            DataParallel's ``module.`` is removed.
+            DataParallel's ``module.`` is removed. With ``allow_partial``, the
+            keys outside it are left out.
         allow_partial: Import what fits where the source holds more than a
             DANet can (see :func:`import_mmseg`).
 
@@ -151,7 +180,7 @@ def import_checkpoint(obj, key: str | None = None, strip_prefix: str | None = No
     if bad:
         raise ConvertError(f"The state_dict has non-tensor entries (key, type): {bad[:5]}; accepted: tensors "
                            f"only.")
-    sd = _strip(OrderedDict(sd), strip_prefix, notes)
+    sd = _strip(OrderedDict(sd), strip_prefix, notes, allow_partial)
     if any(k.startswith(("decode_head.", "backbone.", "auxiliary_head.")) for k in sd):
         weights, hints = import_mmseg(sd, notes, allow_partial)
         return weights, hints, notes

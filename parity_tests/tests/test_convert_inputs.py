@@ -65,6 +65,29 @@ def test_a_wrong_strip_prefix_is_named(tmp_path, capsys, state):
     assert code == 2 and "do not start with it" in capsys.readouterr().err
 
 
+def test_a_danet_module_inside_a_users_model_is_named_and_converts_alone(tmp_path, capsys):
+    """A U-Net's state_dict with a DualAttention at ``bottleneck.1.``: the error names the prefix and the option;
+    `--strip-prefix bottleneck.1. --allow-partial` converts that module alone and lists what it left out (as a
+    ``.keras`` U-Net does with `--allow-partial`)."""
+    dual = random_torch_model(SMALL_SPECS["dual_attention"], seed=5).state_dict()
+    unet = OrderedDict([("enc.weight", torch.ones(64, 3, 3, 3)), ("bottleneck.0.weight", torch.ones(64, 64, 1, 1))])
+    unet.update((f"bottleneck.1.{k}", v) for k, v in dual.items())
+    unet["dec.weight"] = torch.ones(2, 64, 1, 1)
+    torch.save(unet, tmp_path / "unet.pth")
+    code, _ = _convert(tmp_path, tmp_path / "unet.pth")
+    err = capsys.readouterr().err
+    assert code == 2 and _nothing_written(tmp_path)
+    assert ("a DualAttention under `bottleneck.1.` (32 tensors) beside 3 other key(s) (enc.weight, "
+            "bottleneck.0.weight, dec.weight)" in err and "pass `--strip-prefix bottleneck.1. --allow-partial`" in err)
+    code, _ = _convert(tmp_path, tmp_path / "unet.pth", "--strip-prefix", "bottleneck.1.")
+    assert code == 2 and "pass --allow-partial to keep only the keys under it" in capsys.readouterr().err
+    dst = tmp_path / "out.safetensors"
+    assert main([str(tmp_path / "unet.pth"), str(dst), "--strip-prefix", "bottleneck.1.", "--allow-partial"]) == 0
+    assert "left out 3 key(s) outside `bottleneck.1.` (enc.weight, " in capsys.readouterr().err
+    _same(dual, dst)
+    assert wc.load(dst).arch == SMALL_SPECS["dual_attention"]
+
+
 def test_a_pickled_module_is_refused_with_what_to_save_instead(tmp_path, capsys):
     torch.save(SPEC.build_torch(), tmp_path / "module.pth")
     code, _ = _convert(tmp_path, tmp_path / "module.pth")

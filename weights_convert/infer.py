@@ -111,6 +111,11 @@ def infer_record(weights: Mapping, hints: Mapping | None = None, overrides: Mapp
             by_blocks = {depth[2]: name for name, depth in BACKBONE_DEPTHS.items()}
             if blocks and max(blocks) + 1 in by_blocks:
                 fields["backbone"] = by_blocks[max(blocks) + 1]
+            elif blocks and "backbone" not in overrides:  # a ResNet-152's 36: not a ResNet-101 with extra keys
+                known = " or ".join(f"{d[2]} ({name})" for name, d in BACKBONE_DEPTHS.items())
+                raise ConvertError(f"Cannot infer the backbone: layer3 has {max(blocks) + 1} blocks; DANet's "
+                                   f"backbones have {known}. Pass --backbone (with --allow-partial, the blocks "
+                                   f"that fit are loaded).")
             fields["deep_stem"] = "pretrained.conv1.0.weight" in weights
             stem = "pretrained.conv1.0.weight" if fields["deep_stem"] else "pretrained.conv1.weight"
             if stem in weights:

@@ -93,6 +93,19 @@ def test_infer_overrides():
     assert (got.output_stride, got.multi_grid, got.backbone, got.num_classes) == (16, None, "resnet101", 19)
 
 
+def test_a_backbone_depth_danet_does_not_have_is_named():
+    """A ResNet-152 DANet (layer3: 36 blocks) was read as a ResNet-101 with 13 unexpected blocks; it is named, and
+    `--backbone` is still taken (with allow_partial: the blocks that fit)."""
+    neutral = {k: np.zeros(s, np.float32) for k, s in expected_shapes(DANET_SPECS["danet101"]).items()}
+    for b in range(23, 36):
+        neutral.update({k.replace("layer3.22.", f"layer3.{b}."): v for k, v in neutral.items()
+                        if k.startswith("pretrained.layer3.22.")})
+    with pytest.raises(wc.ConvertError, match=r"layer3 has 36 blocks; DANet's backbones have 6 \(resnet50\) or 23 "
+                                              r"\(resnet101\)"):
+        wc.infer_arch(neutral)
+    assert wc.infer_arch(neutral, backbone="resnet101").backbone == "resnet101"
+
+
 def test_an_option_gives_a_required_field_the_weights_do_not_show(tmp_path, capsys):
     """DualAttention weights have no classifier to show ``num_classes``: `--arch head --num-classes 5` (the
     error's own advice) must be taken, and `--allow-partial` then starts a DANetHead from them."""

@@ -238,8 +238,7 @@ def _rows(component, names, actual, expected, dtype, scope, against, device, che
         e = np.asarray(e, np.float64)
         rows.append(Row(component, name, keras.backend.backend(), device, dtype, c.max_abs, c.max_rel,
                         tol.atol, tol.rtol, c.passed, against, check, c.normwise, c.headroom, tol.relative_to,
-                        float(np.linalg.norm(np.nan_to_num(e, posinf=0.0, neginf=0.0))),
-                        int(e.size - np.isfinite(e).sum()), int(e.size)))
+                        float(np.linalg.norm(np.nan_to_num(e, posinf=0.0, neginf=0.0))), c.nonfinite, c.size))
     return rows
 
 

@@ -139,3 +139,14 @@ def test_tensors_that_hold_nan_or_inf_are_flagged_even_when_they_agree():
     lines = rep.summary_lines(_report(rows))
     assert lines[-1].startswith("PASS") and ("WARNING: 1 compared tensor(s) hold NaN or inf (first: danet50/pam, "
                                              "12 of 20 elements)") in "\n".join(lines), lines
+
+
+def test_compare_counts_the_nan_and_inf_it_could_not_measure():
+    """The count the report's warning and ``--verify`` rely on: NaN and inf elements of the expected tensor."""
+    expected = np.arange(20, dtype=np.float64).reshape(4, 5)
+    expected[0, :3], expected[2, 1], expected[3, 4] = np.nan, np.inf, -np.inf
+    c = compare("x", expected.copy(), expected, Tolerance(1e-6, 1e-5))
+    assert (c.passed, c.nonfinite, c.size) == (True, int((~np.isfinite(expected)).sum()), 20) == (True, 5, 20)
+    assert "(5 of 20 elements NaN or inf, not measured)" in c.message()
+    clean = compare("y", expected[1], expected[1], Tolerance(1e-6, 1e-5))
+    assert (clean.nonfinite, clean.size) == (0, 5) and "NaN" not in clean.message()

@@ -141,8 +141,12 @@ class DANetHead(DualAttention):
 
     def __init__(self, num_classes: int, reduction: int = 8, dropout: float = 0.1, pam_path: str = "auto",
                  data_format=None, **kwargs):
-        kwargs.pop("out_channels", None)
-        kwargs.pop("inter_channels", None)
+        for name in ("inter_channels", "out_channels"):  # DualAttention's, fixed here: refused, not dropped
+            value = kwargs.pop(name, None)
+            if value is not None:
+                raise TypeError(f"DANetHead takes no `{name}` (got {value!r}): its widths are the official head's, "
+                                f"C // 4 (512 for ResNet's 2048); use DualAttention (and a classifier of your own) "
+                                f"for other widths.")
         super().__init__(reduction=reduction, pam_path=pam_path, data_format=data_format, **kwargs)
         self.num_classes = check_positive_int("num_classes", num_classes)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:

@@ -192,3 +192,16 @@ def test_bad_inputs_raise_clear_errors():
         dk.PositionAttention(reduction=0)
     with pytest.raises(ValueError, match="`data_format`"):
         dk.ChannelAttention(data_format="NHWC")
+
+
+def test_head_refuses_the_trunk_widths_it_fixes():
+    """DANetHead's widths are the official head's (inter = out = C // 4): an `inter_channels` or `out_channels`
+    given to it (DualAttention's arguments, which it inherits) is refused, not dropped, as danet_torch's
+    DANetHead refuses them; None, what a config of the trunk holds, is accepted."""
+    for name in ("inter_channels", "out_channels"):
+        with pytest.raises(TypeError, match=rf"DANetHead takes no `{name}` \(got 64\): its widths are the "
+                                            r"official head's, C // 4 .*; use DualAttention"):
+            dk.DANetHead(3, **{name: 64})
+    head = dk.DANetHead(3, inter_channels=None, out_channels=None)
+    head.build((None, None, None, 32))
+    assert head.conv5a.layers[0].filters == head.conv51.layers[0].filters == 8

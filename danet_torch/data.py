@@ -23,13 +23,13 @@ from typing import Sequence
 
 import numpy as np
 
+from weights_convert.backbone import IMAGE_MODES, IMAGENET_MEAN, IMAGENET_STD, default_normalization  # noqa: F401
+
 __all__ = ["DataError", "Sample", "IGNORE_INDEX", "IMAGE_SUFFIXES", "scan_folder", "split_samples", "check_samples",
            "default_normalization", "SegmentationFolder"]
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _MAX_LISTED = 10
 
 
@@ -126,15 +126,6 @@ def check_samples(samples: Sequence[Sample], num_classes: int, ignore_index: int
         raise DataError(f"{len(problems)} problem(s) in the dataset ({len(samples)} pairs checked):\n"
                         f"{_listing(problems)}")
     return counts
-
-
-def default_normalization(in_channels: int):
-    """``(mean, std)`` per channel: ImageNet's for RGB; for other widths the same rule as conv1's adaptation
-    (1 channel: the RGB average; ``c`` channels: RGB repeated)."""
-    if in_channels == 1:
-        return (float(np.mean(IMAGENET_MEAN)),), (float(np.mean(IMAGENET_STD)),)
-    reps = -(-in_channels // 3)
-    return (IMAGENET_MEAN * reps)[:in_channels], (IMAGENET_STD * reps)[:in_channels]
 
 
 class SegmentationFolder:

@@ -1,7 +1,9 @@
 """Train ``danet_keras.DANet`` with ``model.fit`` on a folder dataset (the ``danet-train`` format), any backend.
 
 ``DIR/images/*.png|jpg`` and ``DIR/masks/*.png`` (class ids, 255 ignored),
-paired by file stem; random mirror, scale and crop as ``danet-train``. The
+paired by file stem; random mirror, scale and crop as ``danet-train``.
+``--in-channels 1`` (grey, e.g. MRI slices) or ``4`` (RGBA) reads the images
+in that mode and builds the model for it, normalised as ``danet-train`` does. The
 three outputs are trained with one ``SegmentationCrossEntropy`` each (their
 sum is upstream's loss) and the fused output is scored with ``MeanIoU``::
 
@@ -31,10 +33,10 @@ import danet_keras
 from danet_keras.distribution import sync_batchnorm
 from danet_keras.losses import SegmentationCrossEntropy
 from danet_keras.metrics import MeanIoU
+from weights_convert.backbone import IMAGE_MODES, default_normalization
 
 __all__ = ["scan", "FolderDataset", "build_parser", "main"]
 
-MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 IGNORE = 255
 
 
@@ -67,11 +69,15 @@ def scan(root, num_classes: int):
 
 
 class FolderDataset(keras.utils.PyDataset):
-    """Batches ``(image (B, H, W, 3) float32, (mask, mask, mask) (B, H, W) int32)``; training: mirror/scale/crop."""
+    """Batches ``(image (B, H, W, in_channels) float32, (mask, mask, mask) (B, H, W) int32)``; training:
+    mirror/scale/crop. Images are read as ``L``, ``RGB`` or ``RGBA`` for 1, 3 or 4 ``in_channels``."""
 
-    def __init__(self, pairs, batch_size: int, crop: int | None = None, seed: int = 0, **kwargs):
+    def __init__(self, pairs, batch_size: int, crop: int | None = None, seed: int = 0, in_channels: int = 3,
+                 **kwargs):
         super().__init__(**kwargs)
         self.pairs, self.batch_size, self.crop, self.seed, self.epoch = list(pairs), batch_size, crop, seed, 0
+        self.mode = IMAGE_MODES[in_channels]
+        self.mean, self.std = (np.asarray(v, np.float32) for v in default_normalization(in_channels))
 
     def __len__(self):
         return len(self.pairs) // self.batch_size
@@ -83,14 +89,15 @@ class FolderDataset(keras.utils.PyDataset):
         from PIL import Image
 
         with Image.open(self.pairs[i][0]) as im, Image.open(self.pairs[i][1]) as m:
-            image, mask = im.convert("RGB"), m.copy()
+            image, mask = im.convert(self.mode), m.copy()
         if self.crop:
             if rng.random() < 0.5:
                 image, mask = (t.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for t in (image, mask))
             s = rng.uniform(0.5, 2.0)
             size = (max(1, round(image.size[0] * s)), max(1, round(image.size[1] * s)))
             image, mask = image.resize(size, Image.Resampling.BILINEAR), mask.resize(size, Image.Resampling.NEAREST)
-        x = (np.asarray(image, np.float32) / 255.0 - MEAN) / STD
+        x = np.asarray(image, np.float32).reshape(image.size[1], image.size[0], -1)  # L: (H, W) -> (H, W, 1)
+        x = (x / 255.0 - self.mean) / self.std
         y = np.asarray(mask, np.int32)
         if self.crop:
             c = self.crop
@@ -120,6 +127,7 @@ def build_parser():
     p.add_argument("--data", required=True)
     p.add_argument("--val", help="validation folder (default: none)")
     p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--in-channels", type=int, choices=sorted(IMAGE_MODES), default=3, help="1 grey, 3 RGB, 4 RGBA")
     p.add_argument("--backbone", choices=("resnet50", "resnet101"), default="resnet101")
     p.add_argument("--pretrained-backbone", help="ImageNet ResNet weights (torchvision/timm keys)")
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=8)
@@ -148,7 +156,7 @@ def main(argv=None) -> dict:
     if len(pairs) < args.batch_size:
         parser.error(f"{len(pairs)} training image(s) make no batch of --batch-size {args.batch_size}; "
                      f"give a smaller --batch-size or more images")
-    train = FolderDataset(pairs, args.batch_size, crop=args.crop, seed=args.seed)
+    train = FolderDataset(pairs, args.batch_size, crop=args.crop, seed=args.seed, in_channels=args.in_channels)
     steps = args.steps_per_epoch or len(train)
     scope, val_batch = None, 1
     if args.distribute == "data-parallel":
@@ -159,12 +167,14 @@ def main(argv=None) -> dict:
 
         strategy = tf.distribute.MirroredStrategy()
         scope, val_batch = strategy.scope(), strategy.num_replicas_in_sync  # no replica may get an empty batch
-    val = FolderDataset(scan(args.val, args.num_classes), val_batch) if args.val else None
+    val = (FolderDataset(scan(args.val, args.num_classes), val_batch, in_channels=args.in_channels) if args.val
+           else None)
     mg = None if [v.lower() for v in args.multi_grid] == ["none"] else [int(v) for v in args.multi_grid]
     with scope if scope is not None else _null():
         model = danet_keras.DANet(args.num_classes, backbone=args.backbone, output_stride=args.output_stride,
-                                  multi_grid=mg, pretrained_backbone=args.pretrained_backbone)
-        model.build((None, None, None, 3))
+                                  multi_grid=mg, in_channels=args.in_channels,
+                                  pretrained_backbone=args.pretrained_backbone)
+        model.build((None, None, None, args.in_channels))
         if args.sync_batchnorm:
             sync_batchnorm(model)
         schedule = keras.optimizers.schedules.PolynomialDecay(args.lr, max(1, args.epochs * steps), 0.0, power=0.9)

@@ -32,7 +32,12 @@ import numpy as np
 from .errors import ConvertError, StrictLoadError
 
 __all__ = ["RESNET_BLOCKS", "BackboneLoadError", "imagenet_resnet_shapes", "adapt_input_conv",
-           "read_imagenet_backbone"]
+           "read_imagenet_backbone", "IMAGE_MODES", "IMAGENET_MEAN", "IMAGENET_STD", "default_normalization"]
+
+# The image readers' side of the rule (danet-train, examples/train_keras.py, danet-attention): the Pillow mode
+# an image is read in for each input width, and its normalisation.
+IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 _STAGE_PLANES = (64, 128, 256, 512)
@@ -110,6 +115,15 @@ def adapt_input_conv(weight: np.ndarray, in_channels: int) -> np.ndarray:
         out = np.tile(work, (1, repeat, 1, 1))[:, :in_channels]
         out = out * (3 / float(in_channels))
     return np.ascontiguousarray(out.astype(weight.dtype))
+
+
+def default_normalization(in_channels: int):
+    """``(mean, std)`` per channel: ImageNet's for RGB; for other widths the same rule as :func:`adapt_input_conv`
+    (1 channel: the RGB average; ``c`` channels: RGB repeated). Here, without torch, for every framework's reader."""
+    if in_channels == 1:
+        return (float(np.mean(IMAGENET_MEAN)),), (float(np.mean(IMAGENET_STD)),)
+    reps = -(-in_channels // 3)
+    return (IMAGENET_MEAN * reps)[:in_channels], (IMAGENET_STD * reps)[:in_channels]
 
 
 def _unwrap(obj, notes: list, source: str):

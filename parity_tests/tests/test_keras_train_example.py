@@ -72,3 +72,46 @@ def test_train_keras_refuses_what_cannot_run_before_building_a_model(tmp_path, c
             _example().main(base + argv)
         assert info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _image_folder(root, mode, n=2, size=12, seed=0):
+    """``n`` random ``mode`` PNGs (``L`` grey, ``RGBA``) with all-zero masks; returns the images as arrays."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    pixels = []
+    for i in range(n):
+        p = rng.integers(0, 256, (size, size) if mode == "L" else (size, size, len(mode)), dtype=np.uint8)
+        Image.fromarray(p, mode).save(root / "images" / f"{i}.png")
+        Image.fromarray(np.zeros((size, size), np.uint8)).save(root / "masks" / f"{i}.png")
+        pixels.append(p.reshape(size, size, -1))
+    return np.stack(pixels)
+
+
+@pytest.mark.parametrize("mode, mean, std", [
+    ("L", [(0.485 + 0.456 + 0.406) / 3], [(0.229 + 0.224 + 0.225) / 3]),  # grey: the RGB average (danet-train's)
+    ("RGBA", [0.485, 0.456, 0.406, 0.485], [0.229, 0.224, 0.225, 0.229]),  # RGB repeated
+])
+def test_folder_dataset_reads_every_input_channel(tmp_path, mode, mean, std):
+    """`--in-channels` 1 and 4 read grey and RGBA images as they are, normalised as danet-train normalises them
+    (the example read every image as RGB: a grey MRI slice became three copies, an RGBA's fourth band was lost)."""
+    pixels = _image_folder(tmp_path / "ds", mode)
+    example = _example()
+    x, _ = example.FolderDataset(example.scan(tmp_path / "ds", 2), 2, in_channels=len(mode))[0]
+    assert x.shape == (2, 12, 12, len(mode))
+    np.testing.assert_allclose(x, (pixels / 255.0 - np.array(mean)) / np.array(std), rtol=1e-6, atol=1e-6)
+
+
+@_SLOW_HERE
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/ not present (installed package)")
+def test_train_keras_trains_a_grey_model(tmp_path):
+    _image_folder(tmp_path / "train", "L", size=32)
+    result = _example().main(["--data", str(tmp_path / "train"), "--num-classes", "2", "--in-channels", "1",
+                              "--backbone", "resnet50", "--output-stride", "16", "--multi-grid", "none", "--crop", "32",
+                              "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2",
+                              "--out", str(tmp_path / "out")])
+    assert result["model"].in_channels == 1 and np.isfinite(result["history"]["loss"]).all()
+    reloaded = keras.saving.load_model(tmp_path / "out" / "model.keras")
+    assert tuple(reloaded(np.zeros((1, 32, 32, 1), "float32"))[0].shape) == (1, 32, 32, 2)

@@ -15,7 +15,7 @@ from keras import ops
 
 from ._checks import (channels_error, check_floating_policy, check_inputs, check_positive_int, check_shape,
                       standardize_data_format)
-from .layers import Conv2d, backend_result_type, row_max
+from .layers import Conv2d, backend_result_type, keep_frozen, row_max
 from .pam import bmm as _bmm
 from .pam import softmax as _softmax
 from .pam import check_path, path_from_legacy, position_attention_efficient, position_attention_official, resolve_path
@@ -143,6 +143,7 @@ class PositionAttention(_Attention):
         for layer in (self.query_conv, self.key_conv, self.value_conv):
             layer.build(input_shape)
         self._add_gamma()
+        keep_frozen(self)
 
     def call(self, inputs):
         check_inputs(type(self).__name__, inputs, self.data_format, self.in_channels)

@@ -7,7 +7,7 @@ from typing import Sequence
 import keras
 
 from ._checks import check_floating_policy, check_inputs, check_positive_int, check_shape, standardize_data_format
-from .layers import BatchNorm, Conv2d, MaxPool2d, layout_axes, sequential, with_channels
+from .layers import BatchNorm, Conv2d, MaxPool2d, keep_frozen, layout_axes, sequential, with_channels
 
 __all__ = ["Bottleneck", "DilatedResNet", "resnet50", "resnet101", "layer_dilations", "DEPTHS"]
 
@@ -95,6 +95,7 @@ class Bottleneck(keras.layers.Layer):
             conv.build(shape)
             shape = conv.compute_output_shape(shape)
             norm.build(shape)
+        keep_frozen(self)
 
     def call(self, inputs, training=None):
         check_inputs("Bottleneck", inputs, self.data_format, self.in_channels)
@@ -188,6 +189,7 @@ class DilatedResNet(keras.layers.Layer):
             layer.build(shape)
             shape = layer.compute_output_shape(shape)
             setattr(self, f"layer{i}", layer)
+        keep_frozen(self)
 
     def call(self, inputs, training=None):
         check_inputs("DilatedResNet", inputs, self.data_format, self.in_channels)

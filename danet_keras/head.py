@@ -9,7 +9,7 @@ import keras
 from ._checks import (channels_error, check_floating_policy, check_inputs, check_positive_int, check_shape,
                       standardize_data_format)
 from .attention import ChannelAttention, PositionAttention
-from .layers import BatchNorm, Conv2d, layout_axes, sequential, with_channels
+from .layers import BatchNorm, Conv2d, keep_frozen, layout_axes, sequential, with_channels
 from .pam import check_path, path_from_legacy
 
 __all__ = ["DualAttention", "DANetHead", "conv_bn_relu"]
@@ -94,6 +94,7 @@ class DualAttention(keras.layers.Layer):
         for layer, shape in ((self.conv5a, input_shape), (self.conv5c, input_shape), (self.sa, inter_shape),
                              (self.sc, inter_shape), (self.conv51, inter_shape), (self.conv52, inter_shape)):
             layer.build(shape)
+        keep_frozen(self)
 
     def branches(self, inputs, training=None):
         """``(sa_conv, sc_conv)``: the position and channel branches before the sum."""
@@ -171,6 +172,7 @@ class DANetHead(DualAttention):
             ], name, self.dtype_policy)
             seq.build(with_channels(input_shape, inter, self.data_format))
             setattr(self, name, seq)
+        keep_frozen(self)
 
     def call(self, inputs, training=None):
         sa_conv, sc_conv = self.branches(inputs, training=training)

@@ -29,7 +29,7 @@ from keras import ops
 from ._checks import standardize_data_format
 
 __all__ = ["Conv2d", "BatchNorm", "MaxPool2d", "resize_bilinear_align_corners", "no_init_weights", "sequential",
-           "layout_axes", "with_channels"]
+           "layout_axes", "with_channels", "keep_frozen"]
 
 _NO_INIT = contextvars.ContextVar("danet_keras_no_init_weights", default=False)
 
@@ -81,6 +81,22 @@ def sequential(layers, name: str, dtype) -> keras.Sequential:
     seq = keras.Sequential(layers, name=name)
     seq.dtype_policy = dtype
     return seq
+
+
+def keep_frozen(layer) -> None:
+    """Give the sublayers a frozen ``layer`` made in ``build`` its ``trainable=False``; call at the end of ``build``.
+
+    Keras' ``trainable`` setter freezes the sublayers a layer has when it is
+    set. Ours are made in ``build`` (their widths come from the input),
+    after ``trainable=False`` reached the constructor, was set on the unbuilt
+    layer or came back from a ``.keras`` config: left trainable, their
+    variables would be trained by ``fit`` (and their BatchNorm statistics
+    updated) while ``layer.trainable_weights`` is empty. Set through the
+    property itself: on TensorFlow ``layer.trainable = False`` is skipped when
+    the attribute is ``False`` already (its attribute tracking's short cut).
+    """
+    if not layer.trainable:
+        keras.layers.Layer.trainable.fset(layer, False)
 
 
 def _pad_spatial(x, pad: int, data_format: str, value=0.0):

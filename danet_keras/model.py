@@ -10,7 +10,7 @@ from keras import ops
 from ._checks import check_floating_policy, check_inputs, check_positive_int, check_shape, standardize_data_format
 from .backbone import DilatedResNet
 from .head import DANetHead
-from .layers import layout_axes, no_init_weights, resize_bilinear_align_corners
+from .layers import keep_frozen, layout_axes, no_init_weights, resize_bilinear_align_corners
 from .pam import check_path, path_from_legacy
 
 __all__ = ["DANet", "BACKBONES"]
@@ -114,6 +114,7 @@ class DANet(keras.Model):
             self.pretrained.build(input_shape)
         if not self.head.built:
             self.head.build(self.pretrained.compute_output_shape(input_shape)[-1])
+        keep_frozen(self)  # its two parts were made after the constructor's `trainable`
         self.built = True
 
     def call(self, inputs, training=None):

@@ -78,3 +78,36 @@ def test_cam_energy_does_not_overflow_in_float16():
     got = nchw(keras.ops.cast(y, "float32"))
     assert np.isfinite(got).all()
     check("CAM mixed_float16", got, ref.channel_attention(x16, 0.5), dtype="float16")
+
+
+FROZEN = [(dk.PositionAttention, {}, 16), (dk.ChannelAttention, {}, 16), (dk.DualAttention, {}, 32),
+          (dk.DANetHead, {"num_classes": 3}, 32), (dk.Bottleneck, {"planes": 4, "downsample": True}, 8),
+          (dk.DilatedResNet, {"depth": 50}, 3), (dk.DANet, {"num_classes": 3, "backbone": "resnet50"}, 3)]
+
+
+@pytest.mark.parametrize("cls, kwargs, c", FROZEN, ids=[f[0].__name__ for f in FROZEN])
+def test_frozen_before_built_trains_nothing(cls, kwargs, c):
+    """``trainable=False`` given to the constructor (or restored from a config) freezes every variable the layer
+    makes when it is built, its sublayers' included: a model around it has nothing to train. (Keras freezes
+    the sublayers a layer has when the flag is set; ours are made later, in ``build``.)"""
+    layer = cls(**kwargs, trainable=False)
+    inp = keras.Input((None, None, c))
+    model = keras.Model(inp, layer(inp))
+    assert layer.weights and model.trainable_variables == []
+    assert not any(v.trainable for v in layer.weights)
+
+
+def test_frozen_block_stays_frozen_in_fit_and_after_reload(tmp_path):
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 32)).astype("float32")
+    inp = keras.Input((None, None, 32))
+    block = dk.DualAttention(name="attention")
+    model = keras.Model(inp, keras.layers.Conv2D(1, 1, name="out")(block(inp)))
+    block.trainable = False  # after build: Keras' setter reaches the sublayers
+    model.save(tmp_path / "frozen.keras")
+    for m in (model, keras.saving.load_model(tmp_path / "frozen.keras")):
+        frozen = m.get_layer("attention")
+        before = [np.array(keras.ops.convert_to_numpy(v)) for v in frozen.weights]
+        m.compile("sgd", "mse")
+        m.fit(x, np.ones((2, 5, 7, 1), "float32"), epochs=1, verbose=0)
+        moved = [v.path for v, b in zip(frozen.weights, before) if not np.array_equal(keras.ops.convert_to_numpy(v), b)]
+        assert moved == [] and [v.path for v in m.trainable_variables] == ["out/kernel", "out/bias"]

@@ -215,10 +215,15 @@ def bmm(a, b):
 def position_attention_official(q, k, v):
     """Official PAM core: ``(B, N, C'), (B, N, C'), (B, N, C) -> (B, N, C)``, no scaling.
 
-    The softmax runs in float32 (float64 stays); the result has ``v``'s dtype.
+    The energy and softmax run in float32 (float64 stays), as the blocks' and
+    CAM's do: unscaled energies of hundreds, rounded to bfloat16 (float16),
+    move the attention's weights by tens of percent, and a half-precision
+    model would disagree with its export (which takes this path). ``P V``
+    and the result have ``v``'s dtype.
     """
-    energy = bmm(q, ops.transpose(k, (0, 2, 1)))  # (B, N, N)
-    attention = ops.cast(softmax(ops.cast(energy, backend_result_type(q.dtype)), axis=-1), q.dtype)
+    stat = backend_result_type(q.dtype)
+    energy = bmm(ops.cast(q, stat), ops.transpose(ops.cast(k, stat), (0, 2, 1)))  # (B, N, N)
+    attention = ops.cast(softmax(energy, axis=-1), v.dtype)
     return bmm(attention, v)
 
 

@@ -129,10 +129,20 @@ def is_exporting() -> bool:
 
 
 def position_attention_official(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The official computation: ``(B, C', N), (B, C', N), (B, C, N) -> (B, C, N)``."""
-    energy = torch.bmm(q.transpose(1, 2), k)  # (B, N, N), no 1/sqrt(d)
+    """The official computation: ``(B, C', N), (B, C', N), (B, C, N) -> (B, C, N)``.
+
+    Half-precision ``q`` and ``k`` (or ``torch.autocast``) give their energy
+    and softmax in float32, as the efficient path and CAM do: unscaled
+    energies of hundreds, rounded to bfloat16 (float16), move the attention's
+    weights by tens of percent. ``P V`` is computed in ``v``'s dtype.
+    """
+    if torch.is_autocast_enabled(q.device.type):  # it would run the energy's product in half precision again
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return position_attention_official(q, k, v)
+    stat = _stat_dtype(q.dtype)
+    energy = torch.bmm(q.transpose(1, 2).to(stat), k.to(stat))  # (B, N, N), no 1/sqrt(d)
     attention = torch.softmax(energy, dim=-1)
-    return torch.bmm(v, attention.transpose(1, 2))
+    return torch.bmm(v, attention.transpose(1, 2).to(v.dtype))
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -126,6 +126,26 @@ def test_blocks_gradients_with_energies_far_below_zero(dtype, rng):
         check(f"blocks, energies near -1000, {name}", got, want, dtype, "layer" if name == "output" else "grad")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("path", ["official", "blocks"])
+def test_half_precision_energies_are_float32_on_both_paths(path, dtype, rng):
+    """Energies spread over hundreds (unscaled, as DANet's are) from half-precision q and k: both paths compute
+    them in float32, so that a half-precision model agrees with its export (which takes the official path).
+    Rounded to bfloat16 they moved the official output by 1.1 (float16 0.15), the blocks' by 0.01. Values
+    against float64 of the same rounded inputs."""
+    q, k = (6.0 * rng.standard_normal((1, 200, 16)) for _ in range(2))
+    v = rng.standard_normal((1, 200, 32))
+    assert np.abs(np.einsum("bnc,bmc->bnm", q, k)).max() > 500
+    half = [keras.ops.cast(t, dtype) for t in (q, k, v)]
+    expected = ref.position_attention_core(*(keras.ops.convert_to_numpy(keras.ops.cast(t, "float32"))
+                                             .astype(np.float64) for t in half))
+    fn = pam.position_attention_official if path == "official" else pam.position_attention_blocks
+    got = fn(*half)
+    assert keras.backend.standardize_dtype(got.dtype) == dtype
+    check(f"{path} {dtype}, energies over hundreds", keras.ops.convert_to_numpy(keras.ops.cast(got, "float32")),
+          expected, dtype)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_blocks_with_energies_spread_over_hundreds(dtype, rng):
     """Energies spread over hundreds, as Keras' default initialisation gives the layer: most terms of a

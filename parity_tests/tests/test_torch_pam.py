@@ -77,6 +77,28 @@ def test_blocks_half_precision_against_float64(dtype):
         _check(f"blocks {dtype} {name}", g, e, dtype, scope="grad")
 
 
+def _spread_half(dtype, seed=4):
+    """``(q, k, v)`` in ``dtype`` whose energies spread over hundreds (unscaled, as DANet's are), and the
+    float64 NumPy output of those rounded inputs."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (6.0 * torch.randn(1, 16, 200, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    v = torch.randn(1, 32, 200, generator=g, dtype=torch.float64).to(dtype)
+    assert torch.einsum("bcn,bcm->bnm", q.double(), k.double()).abs().max() > 500
+    return (q, k, v), _core_float64(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_official_path_half_precision_energies_are_float32(dtype):
+    """Half-precision q and k give the official path their energy in float32, as the blocks and CAM do:
+    energies of hundreds rounded to bfloat16 moved the output by 1.1 (float16 0.15), the blocks' by 0.01.
+    Values against float64 of the same rounded inputs, directly and under autocast (what a module sees)."""
+    (q, k, v), expected = _spread_half(dtype)
+    _check(f"official {dtype}", pam.position_attention_official(q, k, v).double(), expected, dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        _check(f"official {dtype} under autocast", pam.position_attention_official(q, k, v).double(), expected,
+               dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_blocks_with_energies_spread_over_hundreds(dtype):
     """Energies spread over hundreds, as large weights give them: most terms of a float32 softmax row are

@@ -97,10 +97,13 @@ def check_samples(samples: Sequence[Sample], num_classes: int, ignore_index: int
     counts = np.zeros(num_classes, np.int64)
     problems = []
     for s in samples:
+        path = s.image
         try:
-            with Image.open(s.image) as im:
+            with Image.open(path) as im:
+                im.load()  # decoded: a file cut short keeps an intact header, and would fail mid-epoch
                 image_size = im.size
-            with Image.open(s.mask) as m:
+            path = s.mask
+            with Image.open(path) as m:
                 mode, mask_size = m.mode, m.size
                 if mode not in ("L", "P", "I", "I;16"):
                     problems.append(f"{s.mask}: mode {mode}, a mask must be a single-channel PNG of class ids "
@@ -108,7 +111,7 @@ def check_samples(samples: Sequence[Sample], num_classes: int, ignore_index: int
                     continue
                 values = np.asarray(m)
         except OSError as e:
-            problems.append(f"{s.stem}: cannot be read ({e})")
+            problems.append(f"{path}: cannot be read ({e})")
             continue
         if image_size != mask_size:
             problems.append(f"{s.stem}: image {image_size[0]}x{image_size[1]}, mask {mask_size[0]}x{mask_size[1]} "

@@ -54,11 +54,17 @@ def scan(root, num_classes: int):
         if not mask.is_file():
             problems.append(f"{image.name}: no `{stem}.png` in masks/")
             continue
-        with Image.open(image) as im, Image.open(mask) as m:
-            values = np.asarray(m)
-            if im.size != m.size or values.ndim != 2:
-                problems.append(f"{stem}: image {im.size}, mask {m.size} mode {m.mode} (single channel, same size)")
-                continue
+        try:
+            with Image.open(image) as im, Image.open(mask) as m:
+                im.load()  # decoded: a file cut short keeps an intact header, and would fail inside fit
+                values = np.asarray(m)
+                if im.size != m.size or values.ndim != 2:
+                    problems.append(f"{stem}: image {im.size}, mask {m.size} mode {m.mode} (single channel, same "
+                                    f"size)")
+                    continue
+        except OSError as e:
+            problems.append(f"{stem}: cannot be read ({e})")
+            continue
         bad = sorted(set(np.unique(values).tolist()) - set(range(num_classes)) - {IGNORE})
         if bad:
             problems.append(f"{mask.name}: class id(s) {bad[:8]} outside 0..{num_classes - 1} (and {IGNORE})")

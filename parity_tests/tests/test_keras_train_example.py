@@ -59,6 +59,14 @@ def test_scan_reports_bad_pairs(tmp_path):
         _example().scan(data, 3)
 
 
+def test_scan_reports_a_truncated_image(tmp_path):
+    data = make_segmentation_folder(tmp_path / "ds", 2, size=16, block=8)
+    raw = (data / "images" / "001.png").read_bytes()
+    (data / "images" / "001.png").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=r"1 problem\(s\).*\n  001: cannot be read \(image file is truncated"):
+        _example().scan(data, 3)
+
+
 @pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/ not present (installed package)")
 def test_train_keras_refuses_what_cannot_run_before_building_a_model(tmp_path, capsys):
     data = make_segmentation_folder(tmp_path / "train", 3, size=16, block=8)

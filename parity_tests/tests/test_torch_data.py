@@ -79,3 +79,19 @@ def test_items_normalised_and_augmentation_reproducible(folder):
     assert grey[0][0].shape == (1, 24, 24)
     with pytest.raises(ValueError, match="`in_channels`"):
         SegmentationFolder(samples, train=False, in_channels=2)
+
+
+def test_truncated_image_is_listed_before_training(folder):
+    """An image cut short (an interrupted copy) has an intact header: only decoding it finds the damage, which
+    must happen in the check, not in a DataLoader worker mid-epoch."""
+    data = (folder / "images" / "001.png").read_bytes()
+    (folder / "images" / "001.png").write_bytes(data[:len(data) // 2])
+    mask = np.array(Image.open(folder / "masks" / "004.png"))
+    mask[3, 3] = 9
+    Image.fromarray(mask).save(folder / "masks" / "004.png")
+    with pytest.raises(DataError) as info:
+        check_samples(scan_folder(folder), num_classes=3)
+    text = str(info.value)
+    assert "2 problem(s)" in text and "004.png: class id(s) [9]" in text, text
+    assert "images/001.png: cannot be read (image file is truncated" in text, text
+

@@ -1,7 +1,7 @@
 """The folder dataset of ``danet-train``: ``DIR/images/*.png|jpg`` + ``DIR/masks/*.png`` class ids, 255 ignored.
 
 Images and masks pair by file stem (``images/a.jpg`` with ``masks/a.png``).
-A mask is a single-channel PNG (mode ``L``, ``P`` or ``I``) of class ids
+A mask is a single-channel PNG (mode ``L``, ``P``, ``I``, or 1-bit ``1``) of class ids
 ``0 .. num_classes - 1``; ``255`` marks pixels the loss and the metrics
 ignore. :func:`check_samples` opens every pair before training and reports
 every problem at once (missing mask, unknown class id, size mismatch, RGB
@@ -30,6 +30,7 @@ __all__ = ["DataError", "Sample", "IGNORE_INDEX", "IMAGE_SUFFIXES", "scan_folder
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MASK_MODES = ("1", "L", "P", "I", "I;16")  # single channel; "1" (1-bit, as Pillow saves a bool array): ids 0, 1
 _MAX_LISTED = 10
 
 
@@ -105,7 +106,7 @@ def check_samples(samples: Sequence[Sample], num_classes: int, ignore_index: int
             path = s.mask
             with Image.open(path) as m:
                 mode, mask_size = m.mode, m.size
-                if mode not in ("L", "P", "I", "I;16"):
+                if mode not in MASK_MODES:
                     problems.append(f"{s.mask}: mode {mode}, a mask must be a single-channel PNG of class ids "
                                     f"(mode L or P)")
                     continue

@@ -95,3 +95,17 @@ def test_truncated_image_is_listed_before_training(folder):
     assert "2 problem(s)" in text and "004.png: class id(s) [9]" in text, text
     assert "images/001.png: cannot be read (image file is truncated" in text, text
 
+
+def test_one_bit_mask_is_class_ids_0_and_1(folder):
+    """``Image.fromarray(bool_array).save(...)`` writes a 1-bit PNG (mode ``1``): a single-channel mask of
+    classes 0 and 1, read as PIL's ``np.asarray`` gives it."""
+    labels = np.asarray(Image.open(folder / "masks" / "002.png")) == 1
+    Image.fromarray(labels).save(folder / "masks" / "002.png")
+    assert Image.open(folder / "masks" / "002.png").mode == "1"
+    samples = scan_folder(folder)
+    counts = check_samples(samples[2:3], num_classes=2)
+    np.testing.assert_array_equal(counts, [(~labels).sum(), labels.sum()])
+    x, y = SegmentationFolder(samples, train=False)[2]
+    assert y.dtype == np.int64 and np.array_equal(y, labels.astype(np.int64))
+    a, b = SegmentationFolder(samples, train=True, crop=24, scale_range=(1.0, 1.0))[2]
+    assert set(np.unique(b).tolist()) <= {0, 1}

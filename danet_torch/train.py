@@ -92,13 +92,29 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1009 + rank) % (2 ** 63)
 
 
+# Checked before anything runs: torch's own refusals come late and name no option, and other bad values
+# (a NaN rate, a negative --poly-power or --head-lr-mult) would train without a word.
+_AT_LEAST = {"num_classes": 1, "crop": 1, "epochs": 1, "batch_size": 1, "log_every": 1, "workers": 0,
+             "save_every": 0, "precise_bn": 0}
+_NON_NEGATIVE = ("lr", "head_lr_mult", "momentum", "weight_decay", "poly_power")
+
+
 def _check_args(args):
-    for name in ("num_classes", "crop", "epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}.")
+    def option(name):
+        return f"`--{name.replace('_', '-')}`"
+
+    for name, low in _AT_LEAST.items():
+        if getattr(args, name) < low:
+            raise ValueError(f"{option(name)} must be >= {low}, got {getattr(args, name)}.")
+    for name in _NON_NEGATIVE:
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise ValueError(f"{option(name)} must be a finite number >= 0, got {getattr(args, name)}.")
+    for name in ("dropout", "val_fraction"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"{option(name)} must be in [0, 1), got {getattr(args, name)}.")
     low, high = args.scale_range
-    if not 0 < low <= high:
-        raise ValueError(f"`--scale-range` must be 0 < LOW <= HIGH, got {low} {high}.")
+    if not 0 < low <= high < math.inf:
+        raise ValueError(f"`--scale-range` must be 0 < LOW <= HIGH (finite), got {low} {high}.")
     mg = args.multi_grid
     try:
         args.multi_grid = None if [v.lower() for v in mg] == ["none"] else tuple(int(v) for v in mg)

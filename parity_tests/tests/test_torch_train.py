@@ -119,6 +119,24 @@ def test_bad_data_is_refused_before_training(tmp_path, capsys, damage, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option, value, accepted", [
+    ("--log-every", "0", ">= 1"), ("--workers", "-1", ">= 0"), ("--save-every", "-2", ">= 0"),
+    ("--precise-bn", "-1", ">= 0"), ("--lr", "-0.01", "a finite number >= 0"), ("--lr", "nan", "a finite number >= 0"),
+    ("--head-lr-mult", "-1", "a finite number >= 0"), ("--momentum", "-0.9", "a finite number >= 0"),
+    ("--weight-decay", "inf", "a finite number >= 0"), ("--poly-power", "-1", "a finite number >= 0"),
+    ("--dropout", "1", "in [0, 1)"), ("--val-fraction", "1", "in [0, 1)"),
+])
+def test_option_values_are_refused_naming_the_option(tmp_path, capsys, option, value, accepted):
+    """Each refused up front (before the data is read or a model built), naming the option, the value and what
+    is accepted; before, `--log-every 0` crashed in the first step, NaN or negative rates trained silently, and
+    torch's own messages ("Invalid learning rate") named no option."""
+    argv = [*_bad(tmp_path, lambda d: None), "--epochs", "1", option, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"danet-train: error: `{option}` must be {accepted}, got {value}"), err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kind", ["code-running pickle", "text file", "cut short", "other weights"])
 def test_unreadable_resume_checkpoints_are_refused_without_running_code(run_a, tmp_path, capsys, kind):
     marker = tmp_path / "PWNED"

@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def poly_lr(base: float, step: int, total: int, power: float = 0.9) -> float:
-    """The official poly schedule: ``base * (1 - step / total) ** power``."""
-    return base * (1.0 - step / max(total, 1)) ** power
+    """The official poly schedule: ``base * (1 - step / total) ** power``, 0 from ``step >= total`` on."""
+    return base * max(0.0, 1.0 - step / max(total, 1)) ** power
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -241,7 +241,9 @@ def run(args) -> int:
             net.train()
             bar, sums = _Progress(args, ctx, epoch, steps), torch.zeros(2, dtype=torch.float64)
             for i, (images, masks) in enumerate(loader, start=1):
-                lr = poly_lr(args.lr, step, total, args.poly_power)
+                # upstream's T = epoch * iters_per_epoch + i, not the optimiser's step count: a resume with another
+                # --batch-size or process count (other steps per epoch) goes on from the epoch reached
+                lr = poly_lr(args.lr, epoch * steps + i - 1, total, args.poly_power)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g["lr_mult"]
                 images, masks = images.to(ctx.device, dtype, non_blocking=True), masks.to(ctx.device)

@@ -86,6 +86,21 @@ def test_resume_continues_bit_exactly(run_a, tmp_path):
     assert [r["train_loss"] for r in _metrics(tmp_path / "b")] == [r["train_loss"] for r in _metrics(out)[6:]]
 
 
+def test_resume_with_another_batch_size_continues_the_schedule(tmp_path):
+    """3 steps per epoch resumed at 1 (a larger --batch-size, or more processes): the schedule goes on from the
+    epoch reached, as upstream's ``T = epoch * iters_per_epoch + i``; the optimiser's step count (3 > 2 steps in
+    all now) made ``1 - step / steps`` negative and its 0.9th power complex, which SGD refused mid-run."""
+    data = make_segmentation_folder(tmp_path / "ds", 3, size=32, block=16, seed=0)
+    argv = ["--data", str(data), "--val-fraction", "0", "--scale-range", "1", "1", "--out", str(tmp_path / "a"),
+            *COMMON]
+    assert main([*argv, "--epochs", "1", "--batch-size", "1"]) == 0
+    assert main([*argv, "--epochs", "2", "--batch-size", "3", "--resume", str(tmp_path / "a")]) == 0
+    rows = _metrics(tmp_path / "a")
+    assert [r["step"] for r in rows] == [3, 4]
+    assert rows[0]["lr"] == pytest.approx(0.002 * (1 - 2 / 3) ** 0.9, rel=1e-12)
+    assert rows[1]["lr"] == pytest.approx(0.002 * (1 - 1 / 2) ** 0.9, rel=1e-12)
+
+
 def test_plain_progress_lines_off_a_terminal(run_a):
     printed = run_a[3]
     assert "danet-train: 1 process(es) on cpu (single), DANet resnet50 3 classes, 2 training / 2 validation" in printed
@@ -162,3 +177,4 @@ def test_poly_schedule():
     assert poly_lr(0.01, 0, 100) == 0.01
     assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
     assert poly_lr(0.01, 100, 100) == 0.0
+    assert poly_lr(0.01, 150, 100) == 0.0  # past the end: 0, not the complex (-0.5) ** 0.9

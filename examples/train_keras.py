@@ -157,13 +157,23 @@ def main(argv=None) -> dict:
     needs = {"data-parallel": "jax", "mirrored": "tensorflow"}.get(args.distribute)
     if needs is not None and keras.backend.backend() != needs:
         parser.error(f"--distribute {args.distribute} needs KERAS_BACKEND={needs}, got {keras.backend.backend()}")
+    for name in ("num_classes", "crop", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr >= 0):
+        parser.error(f"--lr must be a finite number >= 0, got {args.lr}")
     keras.utils.set_random_seed(args.seed)
     pairs = scan(args.data, args.num_classes)
     if len(pairs) < args.batch_size:
         parser.error(f"{len(pairs)} training image(s) make no batch of --batch-size {args.batch_size}; "
                      f"give a smaller --batch-size or more images")
     train = FolderDataset(pairs, args.batch_size, crop=args.crop, seed=args.seed, in_channels=args.in_channels)
-    steps = args.steps_per_epoch or len(train)
+    steps = len(train) if args.steps_per_epoch is None else args.steps_per_epoch
+    if steps < 1:
+        parser.error(f"--steps-per-epoch must be >= 1, got {steps}")
+    if steps > len(train):  # Keras would stop each epoch at the end of the data, and the decay would not end
+        parser.error(f"--steps-per-epoch {steps} is more than the {len(train)} batch(es) of {args.batch_size} in the "
+                     f"training set ({len(pairs)} images); leave it out to use them all")
     scope, val_batch = None, 1
     if args.distribute == "data-parallel":
         keras.distribution.set_distribution(keras.distribution.DataParallel())

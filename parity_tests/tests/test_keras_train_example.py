@@ -74,7 +74,13 @@ def test_train_keras_refuses_what_cannot_run_before_building_a_model(tmp_path, c
             "--out", str(tmp_path / "out")]
     other = {"jax": "mirrored", "tensorflow": "data-parallel", "torch": "mirrored"}[keras.backend.backend()]
     needs = {"mirrored": "KERAS_BACKEND=tensorflow", "data-parallel": "KERAS_BACKEND=jax"}[other]
+    # 1 batch of 2 a pass: Keras ran 1 step an epoch while printing 2/2, and the poly decay was set for 2 steps
     for argv, message in ((["--batch-size", "4"], "3 training image(s) make no batch of --batch-size 4"),
+                          (["--batch-size", "2", "--steps-per-epoch", "2"],
+                           "--steps-per-epoch 2 is more than the 1 batch(es) of 2 in the training set (3 images)"),
+                          (["--batch-size", "2", "--steps-per-epoch", "0"], "--steps-per-epoch must be >= 1, got 0"),
+                          (["--lr", "-0.01"], "--lr must be a finite number >= 0, got -0.01"),
+                          (["--crop", "0"], "--crop must be >= 1, got 0"),
                           (["--distribute", other], f"--distribute {other} needs {needs}")):
         with pytest.raises(SystemExit) as info:
             _example().main(base + argv)

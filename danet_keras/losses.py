@@ -22,17 +22,23 @@ __all__ = ["SegmentationCrossEntropy", "danet_loss"]
 
 
 def _pixel_losses(y_true, y_pred, ignore_index: int, axis: int):
-    """``(-log p[label] per pixel, 1.0 where the label is kept)``, both ``(B, H, W)``."""
+    """``(-log p[label] per pixel, 1.0 where the label is kept)``, both ``(B, H, W)``.
+
+    A kept label outside ``0 .. classes - 1`` (255 with ``ignore_index=-1``, a too small class count) gives NaN:
+    the gather would read out of range, which each backend answers differently (a finite wrong value on torch,
+    NaN on JAX, an error on TensorFlow), and NaN is what a traced loss can say on all of them."""
     dtype = "float64" if keras.backend.standardize_dtype(y_pred.dtype) == "float64" else "float32"
     logits = ops.cast(y_pred, dtype)
     labels = ops.cast(y_true, "int32")
     if len(labels.shape) == len(logits.shape):  # (B, H, W, 1) masks
         labels = ops.squeeze(labels, axis=axis)
     keep = ops.not_equal(labels, ignore_index)
-    safe = ops.where(keep, labels, ops.zeros_like(labels))
+    known = ops.logical_and(ops.greater_equal(labels, 0), ops.less(labels, ops.shape(logits)[axis]))
+    safe = ops.where(ops.logical_and(keep, known), labels, ops.zeros_like(labels))
     log_p = ops.log_softmax(logits, axis=axis)
     picked = ops.squeeze(ops.take_along_axis(log_p, ops.expand_dims(safe, axis), axis=axis), axis=axis)
-    return -picked, ops.cast(keep, dtype)
+    unknown = ops.logical_and(keep, ops.logical_not(known))
+    return ops.where(unknown, ops.full_like(picked, float("nan")), -picked), ops.cast(keep, dtype)
 
 
 def _cross_entropy(y_true, y_pred, ignore_index: int, axis: int):
@@ -46,7 +52,9 @@ class SegmentationCrossEntropy(keras.losses.Loss):
 
     Equals ``torch.nn.functional.cross_entropy(logits, labels, ignore_index=...)``
     (mean reduction) on the same numbers; a batch whose every pixel is ignored
-    gives 0 (PyTorch gives NaN). Computed in float32 (float64 stays float64).
+    gives 0 (PyTorch gives NaN), a kept label outside ``0 .. num_classes - 1``
+    gives NaN on every backend (PyTorch raises). Computed in float32 (float64
+    stays float64).
 
     Args:
         ignore_index: Label of pixels left out (``-1`` upstream; ``255`` in the folder format).

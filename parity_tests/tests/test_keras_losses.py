@@ -74,3 +74,22 @@ def test_config_round_trip_and_bad_arguments():
         SegmentationCrossEntropy(ignore_index=0.5)
     with pytest.raises(ValueError, match="`axis`"):
         SegmentationCrossEntropy(axis=2)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_labels_outside_the_classes_give_nan_on_every_backend(rng, axis):
+    """255-marked masks with the default ``ignore_index=-1`` (or a too small ``num_classes``): the gather of
+    ``log p[label]`` read out of range, a finite wrong loss on the torch backend, NaN on JAX and an error on
+    TensorFlow. NaN everywhere, so ``fit`` shows ``loss: nan``; the kept in-range pixels still give the NumPy loss."""
+    logits, labels = _batch(rng)
+    if axis == 1:
+        logits = np.ascontiguousarray(np.moveaxis(logits, -1, 1))
+    for bad in (255, 5, -3):
+        wrong = labels.copy()
+        wrong[0, 0, 0] = bad
+        loss = keras.ops.convert_to_numpy(SegmentationCrossEntropy(axis=axis)(wrong, logits))
+        assert np.isnan(loss), (bad, loss)
+        assert np.isnan(keras.ops.convert_to_numpy(danet_loss([logits] * 3, wrong, axis=axis))), bad
+    wrong = np.where(labels == 255, 7, labels)  # in-range labels and ignore_index=7 still match NumPy
+    check("ce ignore 7", keras.ops.convert_to_numpy(SegmentationCrossEntropy(ignore_index=7, axis=axis)(wrong, logits)),
+          _cross_entropy_numpy(logits, wrong, 7, axis=axis))

@@ -33,37 +33,44 @@ from .evaluate import evaluate, precise_bn
 __all__ = ["build_parser", "main", "run", "poly_lr"]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in ``--help`` but ``None`` (those options say in words what their absence means)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="danet-train", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="danet-train", description=__doc__.splitlines()[0].replace("``", ""),
+                                formatter_class=_HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, help="folder with images/ (PNG/JPEG) and masks/ (PNG class ids, 255 "
                                                  "ignored), same file stems")
     d.add_argument("--val", help="validation folder of the same layout (default: hold out --val-fraction of --data)")
     d.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --data without --val (0: none)")
-    d.add_argument("--num-classes", type=int, required=True)
+    d.add_argument("--num-classes", type=int, required=True, help="classes of the masks (ids 0 .. N-1)")
     d.add_argument("--crop", type=int, default=768, help="square training crop (padded with the ignore label)")
     d.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
                    help="random scale of each training image")
     d.add_argument("--in-channels", type=int, default=3, choices=(1, 3, 4), help="1 grey, 3 RGB, 4 RGBA")
     d.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process")
     m = p.add_argument_group("model")
-    m.add_argument("--backbone", choices=("resnet50", "resnet101"), default="resnet101")
+    m.add_argument("--backbone", choices=("resnet50", "resnet101"), default="resnet101", help="dilated ResNet depth")
     m.add_argument("--pretrained-backbone", metavar="PATH",
                    help="ImageNet ResNet weights (torchvision/timm keys; .pth, .safetensors, .npz)")
-    m.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=8)
+    m.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=8, help="input size / feature size")
     m.add_argument("--multi-grid", nargs="+", default=["4", "8", "16"], metavar="D",
                    help="layer4 dilations, or `none`")
     m.add_argument("--deep-stem", action="store_true", help="three 3x3 stem convs instead of the 7x7 conv")
-    m.add_argument("--dropout", type=float, default=0.1)
+    m.add_argument("--dropout", type=float, default=0.1, help="before each classifier")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=50)
+    o.add_argument("--epochs", type=int, default=50, help="passes over the training set (the schedule spans them)")
     o.add_argument("--batch-size", type=int, default=8, help="images per step and process")
     o.add_argument("--lr", type=float, default=0.01, help="backbone learning rate (the head's is --head-lr-mult x)")
-    o.add_argument("--head-lr-mult", type=float, default=10.0)
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float, default=1e-4)
-    o.add_argument("--poly-power", type=float, default=0.9)
+    o.add_argument("--head-lr-mult", type=float, default=10.0, help="the head's learning rate over --lr")
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    o.add_argument("--poly-power", type=float, default=0.9, help="lr * (1 - step / steps) ** power, per step")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl)")
     r.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (or a folder's last.pth)")
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--amp", choices=("auto", "off", "fp16", "bf16"), default="auto",
                    help="mixed precision on CUDA (auto: bf16 where supported)")
     r.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="float64: for checks")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="fixes the split, data order, augmentation and dropout")
     r.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels where they exist")
     r.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
                    help="tqdm bar (auto: on a terminal) or plain lines")

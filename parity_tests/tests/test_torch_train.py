@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -171,6 +172,21 @@ def test_unreadable_resume_checkpoints_are_refused_without_running_code(run_a, t
     assert not marker.exists() and not (tmp_path / "out").exists()
     if kind == "code-running pickle":
         assert "Refused" in err and "Nothing was executed" in err, err
+
+
+def test_help_shows_the_recipe_defaults(capsys):
+    """The defaults TRAINING.md's recipe table gives; options without help text showed none, and options
+    without a default said "(default: None)" after their own words for it."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split()[1:])
+    options = text[text.index("options:"):]
+    for option, default in (("--epochs", "50"), ("--backbone", "resnet101"), ("--output-stride", "8"),
+                            ("--head-lr-mult", "10.0"), ("--momentum", "0.9"), ("--weight-decay", "0.0001"),
+                            ("--poly-power", "0.9"), ("--dropout", "0.1"), ("--lr", "0.01"), ("--crop", "768")):
+        entry = re.search(rf" {option} [A-Z{{].*?\(default: [^)]*\)", options).group(0)  # up to the next default shown
+        assert entry.endswith(f"(default: {default})"), entry
+    assert "(default: None)" not in text and "``" not in text
 
 
 def test_poly_schedule():

@@ -6,42 +6,14 @@ from typing import Sequence
 
 import keras
 
+from weights_convert.arch import check_flag, check_multi_grid, layer_dilations
+
 from ._checks import check_floating_policy, check_inputs, check_positive_int, check_shape, standardize_data_format
 from .layers import BatchNorm, Conv2d, MaxPool2d, keep_frozen, layout_axes, sequential, with_channels
 
 __all__ = ["Bottleneck", "DilatedResNet", "resnet50", "resnet101", "layer_dilations", "DEPTHS"]
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-
-
-def layer_dilations(blocks: Sequence[int], output_stride: int, multi_grid: Sequence[int] | None):
-    """Per-stage ``(stride, [dilation per block])``, as the official dilated ResNet.
-
-    A copy of ``danet_torch.backbone.layer_dilations`` (``danet_keras`` does
-    not import torch). Output stride 8: layer3 stride 1 (1, 2, 2, ...), layer4
-    stride 1 (2, 4, 4, ... or ``multi_grid``). 16: layer3 stride 2, layer4
-    stride 1 (1, 2, 2, ... or ``multi_grid``). 32: the plain ResNet.
-    """
-    if output_stride not in (8, 16, 32):
-        raise ValueError(f"`output_stride` must be 8, 16 or 32, got {output_stride!r}.")
-    n1, n2, n3, n4 = blocks
-
-    def first_then(first, rest, n):
-        return [first] + [rest] * (n - 1)
-
-    if output_stride == 8:
-        l3, l4 = (1, first_then(1, 2, n3)), (1, first_then(2, 4, n4))
-    elif output_stride == 16:
-        l3, l4 = (2, [1] * n3), (1, first_then(1, 2, n4))
-    else:
-        l3, l4 = (2, [1] * n3), (2, [1] * n4)
-    if multi_grid is not None:
-        multi_grid = [int(d) for d in multi_grid]
-        if len(multi_grid) != n4 or any(d < 1 for d in multi_grid):
-            raise ValueError(f"`multi_grid` must give one dilation >= 1 per layer4 block ({n4}), "
-                             f"got {tuple(multi_grid)!r}.")
-        l4 = (l4[0], multi_grid)
-    return [(1, [1] * n1), (2, [1] * n2), l3, l4]
 
 
 @keras.saving.register_keras_serializable(package="danet")
@@ -143,8 +115,8 @@ class DilatedResNet(keras.layers.Layer):
         if depth not in DEPTHS:
             raise ValueError(f"`depth` must be one of {sorted(DEPTHS)}, got {depth!r}.")
         self.in_channels = check_positive_int("in_channels", in_channels)
-        self.depth, self.output_stride, self.deep_stem = depth, output_stride, bool(deep_stem)
-        self.multi_grid = None if multi_grid is None else tuple(int(d) for d in multi_grid)
+        self.depth, self.output_stride = depth, output_stride
+        self.deep_stem, self.multi_grid = check_flag("deep_stem", deep_stem), check_multi_grid(multi_grid)
         stages = layer_dilations(DEPTHS[depth], output_stride, self.multi_grid)
         self._stages = tuple((s, tuple(d)) for s, d in stages)
         self.data_format = standardize_data_format(data_format)

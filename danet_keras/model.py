@@ -7,6 +7,8 @@ from typing import Sequence
 import keras
 from keras import ops
 
+from weights_convert.arch import check_flag, check_multi_grid
+
 from ._checks import check_floating_policy, check_inputs, check_positive_int, check_shape, standardize_data_format
 from .backbone import DilatedResNet
 from .head import DANetHead
@@ -59,8 +61,8 @@ class DANet(keras.Model):
         self.num_classes = check_positive_int("num_classes", num_classes)
         if backbone not in BACKBONES:
             raise ValueError(f"`backbone` must be one of {sorted(BACKBONES)}, got {backbone!r}.")
-        self.backbone, self.output_stride, self.deep_stem = backbone, output_stride, bool(deep_stem)
-        self.multi_grid = None if multi_grid is None else tuple(int(d) for d in multi_grid)
+        self.backbone, self.output_stride = backbone, output_stride
+        self.deep_stem, self.multi_grid = check_flag("deep_stem", deep_stem), check_multi_grid(multi_grid)
         self.dropout, self.pam_path = float(dropout), check_path(pam_path, "pam_path")
         self.data_format = standardize_data_format(data_format)
         self.pretrained = DilatedResNet(BACKBONES[backbone], output_stride=output_stride, deep_stem=deep_stem,

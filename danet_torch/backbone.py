@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from weights_convert.arch import check_flag, check_multi_grid, layer_dilations
+
 from ._checks import check_input, check_positive_int
 
 __all__ = ["Bottleneck", "DilatedResNet", "resnet50", "resnet101", "layer_dilations", "DEPTHS"]
@@ -41,36 +43,6 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-def layer_dilations(blocks: Sequence[int], output_stride: int, multi_grid: Sequence[int] | None):
-    """Per-stage ``(stride, [dilation per block])``, as the official dilated ResNet.
-
-    Output stride 8: layer3 stride 1 (dilations 1, 2, 2, ...), layer4 stride 1
-    (2, 4, 4, ... or ``multi_grid``). Output stride 16: layer3 stride 2,
-    layer4 stride 1 (1, 2, 2, ... or ``multi_grid``). Output stride 32 is the
-    plain ResNet.
-    """
-    if output_stride not in (8, 16, 32):
-        raise ValueError(f"`output_stride` must be 8, 16 or 32, got {output_stride!r}.")
-    n1, n2, n3, n4 = blocks
-
-    def first_then(first, rest, n):
-        return [first] + [rest] * (n - 1)
-
-    if output_stride == 8:
-        l3, l4 = (1, first_then(1, 2, n3)), (1, first_then(2, 4, n4))
-    elif output_stride == 16:
-        l3, l4 = (2, [1] * n3), (1, first_then(1, 2, n4))
-    else:
-        l3, l4 = (2, [1] * n3), (2, [1] * n4)
-    if multi_grid is not None:
-        multi_grid = [int(d) for d in multi_grid]
-        if len(multi_grid) != n4 or any(d < 1 for d in multi_grid):
-            raise ValueError(f"`multi_grid` must give one dilation >= 1 per layer4 block ({n4}), "
-                             f"got {tuple(multi_grid)!r}.")
-        l4 = (l4[0], multi_grid)
-    return [(1, [1] * n1), (2, [1] * n2), l3, l4]
-
-
 class DilatedResNet(nn.Module):
     """Dilated ResNet (Bottleneck), the official ``encoding`` backbone without ``fc``.
 
@@ -93,9 +65,9 @@ class DilatedResNet(nn.Module):
         if depth not in DEPTHS:
             raise ValueError(f"`depth` must be one of {sorted(DEPTHS)}, got {depth!r}.")
         self.in_channels = check_positive_int("in_channels", in_channels)
-        self.depth, self.output_stride, self.deep_stem = depth, output_stride, deep_stem
-        self.multi_grid = None if multi_grid is None else tuple(multi_grid)
-        if deep_stem:
+        self.depth, self.output_stride = depth, output_stride
+        self.deep_stem, self.multi_grid = check_flag("deep_stem", deep_stem), check_multi_grid(multi_grid)
+        if self.deep_stem:
             self.conv1 = nn.Sequential(
                 nn.Conv2d(in_channels, 64, 3, stride=2, padding=1, bias=False), norm_layer(64), nn.ReLU(),
                 nn.Conv2d(64, 64, 3, padding=1, bias=False), norm_layer(64), nn.ReLU(),

@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 from . import layout
 
 __all__ = ["ArchSpec", "Kind", "KINDS", "ARCHS", "BACKBONE_DEPTHS", "RECORD_VERSION", "expected_shapes",
-           "apply_overrides"]
+           "apply_overrides", "layer_dilations", "check_multi_grid", "check_flag"]
 
 BACKBONE_DEPTHS = layout.BACKBONE_DEPTHS
 RECORD_VERSION = 1
@@ -84,6 +84,58 @@ def _int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
     return int(value)
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool (``True``/``False``, or an int 0/1); ``ValueError`` naming ``name`` otherwise (the
+    string ``"no"`` is truthy)."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def check_multi_grid(value, blocks: int | None = None) -> Optional[Tuple[int, ...]]:
+    """``multi_grid`` as a tuple of ints >= 1 (``blocks`` of them where given), or ``None``.
+
+    A string is refused (``"124"`` would be read as ``(1, 2, 4)``), and so is
+    a dilation that is not an int (``8.5`` would be read as 8).
+    """
+    if value is None:
+        return None
+    ints = (isinstance(value, Iterable) and not isinstance(value, (str, bytes))
+            and all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in value))
+    if not ints:
+        raise ValueError(f"`multi_grid` must be a sequence of ints >= 1 or None, got {value!r}.")
+    grid = tuple(int(d) for d in value)
+    if blocks is not None and len(grid) != blocks:
+        raise ValueError(f"`multi_grid` must give one dilation >= 1 per layer4 block ({blocks}), got {grid!r}.")
+    return grid
+
+
+def layer_dilations(blocks: Sequence[int], output_stride: int, multi_grid: Sequence[int] | None):
+    """Per-stage ``(stride, [dilation per block])`` of the official dilated ResNet, in both frameworks.
+
+    Output stride 8: layer3 stride 1 (dilations 1, 2, 2, ...), layer4 stride 1
+    (2, 4, 4, ... or ``multi_grid``). Output stride 16: layer3 stride 2,
+    layer4 stride 1 (1, 2, 2, ... or ``multi_grid``). Output stride 32 is the
+    plain ResNet.
+    """
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"`output_stride` must be 8, 16 or 32, got {output_stride!r}.")
+    n1, n2, n3, n4 = blocks
+
+    def first_then(first, rest, n):
+        return [first] + [rest] * (n - 1)
+
+    if output_stride == 8:
+        l3, l4 = (1, first_then(1, 2, n3)), (1, first_then(2, 4, n4))
+    elif output_stride == 16:
+        l3, l4 = (2, [1] * n3), (1, first_then(1, 2, n4))
+    else:
+        l3, l4 = (2, [1] * n3), (2, [1] * n4)
+    if multi_grid is not None:
+        l4 = (l4[0], list(check_multi_grid(multi_grid, n4)))
+    return [(1, [1] * n1), (2, [1] * n2), l3, l4]
 
 
 @dataclass(frozen=True, repr=False)
@@ -160,15 +212,11 @@ class ArchSpec:
         if self.output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"`output_stride` must be one of {list(OUTPUT_STRIDES)}, got {self.output_stride!r}.")
         if self.multi_grid is not None:
-            grid = tuple(_int("multi_grid", d) for d in self.multi_grid)
-            if len(grid) != BACKBONE_DEPTHS[self.backbone][3]:
-                raise ValueError(f"`multi_grid` must give one dilation per layer4 block "
-                                 f"({BACKBONE_DEPTHS[self.backbone][3]}), got {self.multi_grid!r}.")
-            resolved["multi_grid"] = grid
+            resolved["multi_grid"] = check_multi_grid(self.multi_grid, BACKBONE_DEPTHS[self.backbone][3])
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
         resolved["dropout"] = float(self.dropout)
-        resolved["deep_stem"] = bool(self.deep_stem)
+        resolved["deep_stem"] = check_flag("deep_stem", self.deep_stem)
         if str(self.dtype) not in DTYPES:
             raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {self.dtype!r}.")
         if self.data_format not in DATA_FORMATS:

@@ -120,6 +120,8 @@ def test_records_of_the_earlier_form_still_read():
     ({"kind": "danet", "num_classes": 3, "output_stride": 4}, "`output_stride` must be one of"),
     ({"kind": "head", "in_channels": 64}, "`num_classes` is required"),
     ({"kind": "pam", "in_channels": 16, "colour": "red"}, "unknown architecture record field"),
+    ({"kind": "danet", "num_classes": 3, "multi_grid": "124"}, "`multi_grid` must be a sequence of ints"),
+    ({"kind": "danet", "num_classes": 3, "deep_stem": "no"}, "`deep_stem` must be True or False, got 'no'"),
 ])
 def test_bad_records_are_named(record, match):
     with pytest.raises(ValueError, match=match):

@@ -33,12 +33,15 @@ def _randomise_torch(model, torch, seed=0):
                 m.num_batches_tracked.fill_(3)
 
 
-def test_layer_dilations_copy_matches_torch():
-    torch_backbone = pytest.importorskip("danet_torch.backbone")
-    for blocks in ((3, 4, 6, 3), (3, 4, 23, 3)):
-        for os_ in (8, 16, 32):
-            for mg in (None, (4, 8, 16)):
-                assert layer_dilations(blocks, os_, mg) == torch_backbone.layer_dilations(blocks, os_, mg)
+def test_layer_dilations_are_the_official_rule():
+    """Upstream's ``_make_layer`` (encoding's dilated ResNet): a stage of dilation 2 starts its blocks at 1, one
+    of dilation 4 at 2; multi-grid gives layer4's blocks their own. Written out here, not computed by the code."""
+    resnet50 = (3, 4, 6, 3)
+    assert layer_dilations(resnet50, 8, None) == [(1, [1] * 3), (2, [1] * 4), (1, [1, 2, 2, 2, 2, 2]), (1, [2, 4, 4])]
+    assert layer_dilations(resnet50, 8, (4, 8, 16))[3] == (1, [4, 8, 16])
+    assert layer_dilations(resnet50, 16, None)[2:] == [(2, [1] * 6), (1, [1, 2, 2])]
+    assert layer_dilations(resnet50, 32, None)[2:] == [(2, [1] * 6), (2, [1] * 3)]
+    assert layer_dilations((3, 4, 23, 3), 8, None)[2] == (1, [1] + [2] * 22)
 
 
 @pytest.mark.parametrize("kwargs", [dict(deep_stem=True, output_stride=32)])  # stride 2 + dilation 4
@@ -93,6 +96,12 @@ def test_danet_bad_arguments():
         dk.DANet(3, multi_grid=(1, 2))
     with pytest.raises(ValueError, match="`num_classes`"):
         dk.DANet(0)
+    with pytest.raises(ValueError, match="`multi_grid` must be a sequence of ints >= 1 or None, got '124'"):
+        dk.DANet(3, multi_grid="124")  # was read as (1, 2, 4)
+    with pytest.raises(ValueError, match=r"`multi_grid` must be .* got \(4, 8.5, 16\)"):
+        dk.DANet(3, multi_grid=(4, 8.5, 16))  # was read as (4, 8, 16)
+    with pytest.raises(ValueError, match="`deep_stem` must be True or False, got 'no'"):
+        dk.DANet(3, deep_stem="no")  # was a deep stem
 
 
 def test_danet_channels_first_equals_channels_last(rng):

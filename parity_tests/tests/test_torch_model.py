@@ -100,6 +100,10 @@ def test_training_step_and_loss():
     (dict(num_classes=3, backbone="resnet18"), r"`backbone` must be one of \['resnet101', 'resnet50'\], got 'resnet18'"),
     (dict(num_classes=3, output_stride=4), r"`output_stride` must be 8, 16 or 32, got 4"),
     (dict(num_classes=3, multi_grid=(1, 2)), r"`multi_grid` must give one dilation >= 1 per layer4 block \(3\)"),
+    (dict(num_classes=3, multi_grid="124"), r"`multi_grid` must be a sequence of ints >= 1 or None, got '124'"),
+    (dict(num_classes=3, multi_grid=4), r"`multi_grid` must be a sequence of ints >= 1 or None, got 4"),
+    (dict(num_classes=3, multi_grid=(4, 8.5, 16)), r"`multi_grid` must be .* got \(4, 8.5, 16\)"),
+    (dict(num_classes=3, deep_stem="no"), r"`deep_stem` must be True or False, got 'no'"),
 ])
 def test_bad_model_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -192,7 +192,8 @@ def save(weights, path, arch: ArchSpec, *, force: bool = False, allow_partial: b
     would not give back as it is (another dtype, another value) is refused, naming each, unless
     ``allow_cast`` (then a note names the casts); ``.onnx`` exports the model of ``arch``
     holding ``weights``, built by ``onnx_framework`` (``"torch"``, or
-    ``"keras"`` on the TensorFlow backend). ONNX is write-only.
+    ``"keras"`` on the TensorFlow backend), in float32: half-precision weights
+    are widened (a note), float64 ones refused unless ``allow_cast``. ONNX is write-only.
 
     Returns:
         Notes: what ``allow_partial`` left out, what ``allow_cast`` cast (empty when neither).
@@ -212,6 +213,13 @@ def save(weights, path, arch: ArchSpec, *, force: bool = False, allow_partial: b
     if fmt == "onnx" and missing:
         raise ConvertError(f"An ONNX file is a complete model: {len(missing)} weight(s) of {arch.describe()} "
                            f"are missing ({', '.join(missing[:5])}); --allow-partial cannot write .onnx.")
+    if fmt == "onnx" and arch.dtype != "float32":  # the exporters build a float32 model
+        rounded = arch.dtype == "float64"
+        if rounded and not allow_cast:
+            raise ConvertError(f"An ONNX file holds a float32 model: the float64 weights of {arch.describe()} "
+                               f"would be rounded to float32. Refused; pass --allow-cast to export them rounded "
+                               f"(.pth, .safetensors, .npz and Keras files keep float64).")
+        notes.append(f"exported as float32 ({arch.dtype} -> float32, values {'rounded' if rounded else 'kept'})")
     if fmt in ("keras", "keras_weights") and missing:
         notes.append(f"a Keras file holds every variable: the {len(missing)} left out ({', '.join(missing[:5])}) "
                      f"keep their random initial values in {Path(str(dst)).name}")

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write what fits instead of refusing, and list what was left out")
     p.add_argument("--allow-cast", action="store_true",
                    help="let a Keras DST (one floating dtype, int32 counters) hold tensors cast (float32 weights "
-                        "in a float64 file, a float counter as int32), and list them; refused without it")
+                        "in a float64 file, a float counter as int32), and list them, or an .onnx DST (float32) "
+                        "hold float64 weights rounded; refused without it")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
     return p
 

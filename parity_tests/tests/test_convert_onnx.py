@@ -103,3 +103,29 @@ def test_allow_partial_cannot_write_onnx(exported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "An ONNX file is a complete model: 1 weight(s)" in err and "(conv6.1.bias)" in err
     assert [p.name for p in tmp_path.iterdir()] == ["partial.npz"]  # nothing else written, no temporary left
+
+
+def test_float64_weights_are_not_rounded_into_onnx_without_allow_cast(exported, tmp_path, capsys):
+    """ONNX holds a float32 model: float64 weights would be rounded, which is refused unless --allow-cast (as
+    for Keras files); half-precision weights are widened exactly, with a note. Both were exported silently."""
+    _, model, *_ = exported
+    weights64 = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in wc.from_torch(model).items()}
+    wc.save(weights64, tmp_path / "head64.npz", SPEC.replace(dtype="float64"))
+    assert main([str(tmp_path / "head64.npz"), str(tmp_path / "head64.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "float64 weights of DANetHead" in err and "rounded to float32" in err and "--allow-cast" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head64.npz"]
+    assert main([str(tmp_path / "head64.npz"), str(tmp_path / "head64.onnx"), "--allow-cast"]) == 0
+    assert "note: exported as float32 (float64 -> float32, values rounded)" in capsys.readouterr().err
+    weights16 = {k: v.astype(np.float16) if v.dtype.kind == "f" else v for k, v in weights64.items()}
+    wc.save(weights16, tmp_path / "head16.npz", SPEC.replace(dtype="float16"))
+    assert main([str(tmp_path / "head16.npz"), str(tmp_path / "head16.onnx")]) == 0
+    assert "note: exported as float32 (float16 -> float32, values kept)" in capsys.readouterr().err
+    sess = ort.InferenceSession(str(tmp_path / "head16.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).standard_normal((1, 64, 9, 11)).astype(np.float32)
+    model16 = wc.to_torch(weights16, SPEC.replace(dtype="float32")).eval()  # the float16 values, widened
+    with torch.no_grad():
+        want = model16(torch.from_numpy(x))
+    for name, got, w in zip(("fused", "pam", "cam"), sess.run(None, {"input": x}), want):
+        c = compare(name, got, w.numpy(), tolerance("float32", "layer"))
+        assert c.passed, c.message()

@@ -17,6 +17,7 @@ Only NumPy and Pillow are used here: the items are NumPy arrays, which
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -52,8 +53,13 @@ def _listing(problems: Sequence[str]) -> str:
     return "\n".join(shown)
 
 
-def scan_folder(root) -> list:
-    """The ``Sample`` pairs of ``root`` (sorted by stem); :class:`DataError` if none or a mask is missing."""
+def scan_folder(root, notes: list | None = None) -> list:
+    """The ``Sample`` pairs of ``root`` (sorted by stem); :class:`DataError` if none or a mask is missing.
+
+    Files left out (in ``images/`` not PNG/JPEG, in ``masks/`` a mask without
+    its image; hidden files aside) are named in ``notes``, or in a
+    ``UserWarning`` without it.
+    """
     root = Path(root)
     images_dir, masks_dir = root / "images", root / "masks"
     for d in (images_dir, masks_dir):
@@ -73,6 +79,15 @@ def scan_folder(root) -> list:
     if missing:
         raise DataError(f"{len(missing)} image(s) in `{images_dir}` have no mask in `{masks_dir}` (masks are "
                         f"PNG files with the image's stem):\n{_listing(missing)}")
+    left_out = {images_dir: ([p.name for p in sorted(images_dir.iterdir()) if p.is_file() and not p.name.startswith(".")
+                              and p.suffix.lower() not in IMAGE_SUFFIXES], "file(s)", "are not PNG/JPEG images"),
+                masks_dir: ([masks[s].name for s in sorted(masks) if s not in images and not s.startswith(".")],
+                            "mask(s)", "have no image")}
+    for folder, (names, what, why) in left_out.items():
+        if names:
+            note = f"{len(names)} {what} in `{folder}` {why}, left out: {', '.join(names[:5])}" + (
+                f" and {len(names) - 5} more" if len(names) > 5 else "")
+            notes.append(note) if notes is not None else warnings.warn(note, UserWarning, stacklevel=2)
     return [Sample(s, str(images[s]), str(masks[s])) for s in sorted(images)]
 
 

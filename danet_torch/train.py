@@ -136,13 +136,19 @@ def _check_args(args):
 
 
 def _prepare_data(args):
-    samples = scan_folder(args.data)
+    """``(train, val, notes)``: the samples, checked, and what the scan left out."""
+    notes: list = []
+    samples = scan_folder(args.data, notes)
     if args.val:
-        train, val = samples, scan_folder(args.val)
+        train, val = samples, scan_folder(args.val, notes)
     else:
         train, val = split_samples(samples, args.val_fraction, seed=args.seed)
     check_samples(train + val, args.num_classes)
-    return train, val
+    return train, val, notes
+
+
+class Diverged(RuntimeError):
+    """An epoch's training loss is NaN or inf: the run stops before it writes anything of that epoch."""
 
 
 def _amp(args, device):
@@ -203,7 +209,9 @@ def run(args) -> int:
         if args.deterministic:
             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
             torch.use_deterministic_algorithms(True, warn_only=True)
-        train_s, val_s = broadcast_error(lambda: _prepare_data(args), ctx)
+        train_s, val_s, data_notes = broadcast_error(lambda: _prepare_data(args), ctx)
+        for note in data_notes:
+            say(f"data: {note}")
         dtype = getattr(torch, args.dtype)
         torch.manual_seed(args.seed)
         model = DANet(args.num_classes, backbone=args.backbone, output_stride=args.output_stride,
@@ -222,6 +230,9 @@ def run(args) -> int:
             ckpt = load_checkpoint(args.resume, model, optimizer, scaler)
             start, step, best = int(ckpt["epoch"]), int(ckpt["step"]), ckpt.get("best_miou")
             say(f"resumed from {args.resume}: {start} epoch(s), {step} step(s) done")
+            if start >= args.epochs:
+                say(f"nothing to train: {args.resume} has {start} epoch(s) done, --epochs {args.epochs}")
+                return 0
         net = wrap_model(model, ctx)
         kw = dict(in_channels=args.in_channels, seed=args.seed)
         train_set = SegmentationFolder(train_s, train=True, crop=args.crop, scale_range=args.scale_range, **kw)
@@ -266,6 +277,10 @@ def run(args) -> int:
                 bar.update(i, value, lr)
             bar.close()
             train_loss = float(all_reduce_sum(sums.to(ctx.device), ctx)[0] / (steps * ctx.world_size))
+            if not math.isfinite(train_loss):  # the same sum on every rank: all stop together
+                raise Diverged(f"the training loss of epoch {epoch + 1} is {train_loss}: the run diverged (lower "
+                               f"--lr, or --amp off); nothing of this epoch was written"
+                               + (f", {out / 'last.pth'} holds epoch {epoch}" if epoch > start or start else ""))
             if args.precise_bn:
                 precise_bn(unwrap(net), loader, args.precise_bn, ctx.device, dtype)
             metrics = evaluate(unwrap(net), val_set, ctx, args.num_classes, amp_dtype, args.workers) if val_s else None
@@ -299,10 +314,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except ValueError as e:  # DataError, ConvertError (pretrained weights), bad option values
+    except (ValueError, Diverged) as e:  # DataError, ConvertError (pretrained weights), bad option values
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raises the same error; one prints it
             print(f"danet-train: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, Diverged) else 2
 
 
 if __name__ == "__main__":

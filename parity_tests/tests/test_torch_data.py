@@ -109,3 +109,19 @@ def test_one_bit_mask_is_class_ids_0_and_1(folder):
     assert y.dtype == np.int64 and np.array_equal(y, labels.astype(np.int64))
     a, b = SegmentationFolder(samples, train=True, crop=24, scale_range=(1.0, 1.0))[2]
     assert set(np.unique(b).tolist()) <= {0, 1}
+
+
+def test_files_left_out_are_named(folder):
+    """A .tif among the PNGs and a mask without its image are left out of the pairs; they were left out
+    without a word (a sample lost)."""
+    (folder / "images" / "extra.tif").write_bytes(b"II*\x00")
+    (folder / "images" / ".DS_Store").write_bytes(b"")  # hidden files stay unmentioned
+    (folder / "masks" / "orphan.png").write_bytes((folder / "masks" / "000.png").read_bytes())
+    notes = []
+    samples = scan_folder(folder, notes)
+    assert "extra" not in [s.stem for s in samples] and "orphan" not in [s.stem for s in samples]
+    assert notes == [f"1 file(s) in `{folder / 'images'}` are not PNG/JPEG images, left out: extra.tif",
+                     f"1 mask(s) in `{folder / 'masks'}` have no image, left out: orphan.png"]
+    with pytest.warns(UserWarning) as caught:
+        scan_folder(folder)
+    assert [str(w.message) for w in caught] == notes

@@ -194,3 +194,32 @@ def test_poly_schedule():
     assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
     assert poly_lr(0.01, 100, 100) == 0.0
     assert poly_lr(0.01, 150, 100) == 0.0  # past the end: 0, not the complex (-0.5) ** 0.9
+
+
+def test_a_diverged_run_stops_keeping_the_finite_epochs(tmp_path, capsys):
+    """A rate that blows the weights up: the run stops at the first epoch whose loss is not finite, exit 1,
+    and writes no checkpoint or metrics row of it (it trained on to the end and could write best.pth)."""
+    data = make_segmentation_folder(tmp_path / "ds", 2, size=32, block=16, seed=0)
+    argv = ["--data", str(data), "--val", str(data), "--out", str(tmp_path / "a"), "--epochs", "6",
+            "--batch-size", "2", "--scale-range", "1", "1", *COMMON]
+    argv[argv.index("--lr") + 1] = "1e12"
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    rows = _metrics(tmp_path / "a") if (tmp_path / "a" / "metrics.jsonl").exists() else []
+    assert all(np.isfinite(r["train_loss"]) for r in rows) and len(rows) < 6
+    assert re.search(rf"danet-train: error: the training loss of epoch {len(rows) + 1} is (nan|inf): the run "
+                     rf"diverged", err), err
+    if rows:  # the last finite epoch is what last.pth holds
+        ckpt = torch.load(tmp_path / "a" / "last.pth", weights_only=True)
+        assert ckpt["epoch"] == len(rows) and all(torch.isfinite(t).all() for t in ckpt["state_dict"].values()
+                                                  if t.is_floating_point())
+
+
+def test_resume_with_nothing_left_to_train_says_so(run_a, tmp_path, capsys):
+    argv, out, _, _ = run_a
+    i = argv.index("--out")
+    again = argv[:i] + ["--out", str(tmp_path / "b")] + argv[i + 2:] + ["--resume", str(out / "last.pth")]
+    assert main(again) == 0
+    printed = capsys.readouterr().out
+    assert f"nothing to train: {out / 'last.pth'} has 8 epoch(s) done, --epochs 8" in printed, printed
+    assert not (tmp_path / "b").exists()

@@ -280,7 +280,7 @@ def run(args) -> int:
             if not math.isfinite(train_loss):  # the same sum on every rank: all stop together
                 raise Diverged(f"the training loss of epoch {epoch + 1} is {train_loss}: the run diverged (lower "
                                f"--lr, or --amp off); nothing of this epoch was written"
-                               + (f", {out / 'last.pth'} holds epoch {epoch}" if epoch else ""))
+                               + (f", {out / 'last.pth'} holds epoch {epoch}" if epoch > start else ""))
             if args.precise_bn:
                 precise_bn(unwrap(net), loader, args.precise_bn, ctx.device, dtype)
             metrics = evaluate(unwrap(net), val_set, ctx, args.num_classes, amp_dtype, args.workers) if val_s else None

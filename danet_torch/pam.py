@@ -21,7 +21,9 @@ it; :class:`~danet_torch.PositionAttention` takes ``pam_path=``:
     CPU exp's argument stops at :data:`EXP_FLOOR` (a change below float64's
     rounding), so that no subnormal number reaches a product. In
     float16/bfloat16, energies, softmax statistics and the ``dQ`` sum are
-    float32; the products with V and dO run in the input dtype.
+    float32; the products with V and dO run in the input dtype. Under
+    ``create_graph=True`` the backward is the official graph's instead, which
+    autograd records, so that it can be differentiated again.
   - CUDA, float16/bfloat16/float32: ``scaled_dot_product_attention(scale=1.0)``
     and its own backward: in half precision V is split into heads that
     share q and k (:func:`position_attention_kernel`: cuDNN's kernel takes
@@ -228,8 +230,26 @@ def _blocks_backward(q, k, v, out, lse, dout, rows: int):
     return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+def _official_vjp(q, k, v, dout, needs_grad):
+    """``(dq, dk, dv)`` of the official graph, differentiable: the blocks' backward under ``create_graph=True``.
+
+    The blocks' backward writes into preallocated buffers (``out=``, in
+    place), which autograd cannot record; a second derivative (a gradient
+    penalty, a Hessian-vector product) needs a recorded one, and the
+    official graph is the same function. It holds the ``N x N`` attention.
+    """
+    inputs = [t for t, needed in zip((q, k, v), needs_grad) if needed]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(position_attention_official(q, k, v), inputs, dout, create_graph=True))
+    return tuple(next(grads) if needed else None for needed in needs_grad)
+
+
 class _PositionAttentionBlocks(torch.autograd.Function):
-    """Blocks of queries; saves ``q, k, v, out`` and the per-row log-sum-exp only."""
+    """Blocks of queries; saves ``q, k, v, out`` and the per-row log-sum-exp only.
+
+    Its backward runs in blocks of keys; under ``create_graph=True`` it is the
+    official graph's (:func:`_official_vjp`), so that it can be differentiated again.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, rows):
@@ -242,6 +262,8 @@ class _PositionAttentionBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradients will be differentiated
+            return (*_official_vjp(q, k, v, dout, ctx.needs_input_grad[:3]), None)
         with torch.autocast(device_type=q.device.type, enabled=False):
             dq, dk, dv = _blocks_backward(q, k, v, out, lse, dout, ctx.rows)
         return dq, dk, dv, None

@@ -377,3 +377,26 @@ def test_blocks_never_build_the_n_by_n_matrix(monkeypatch):
         (y * y).sum().backward()
     assert max(largest) <= 64 * n < n * n // 4
     assert np.isfinite(to_numpy(q.grad)).all()
+
+
+def test_blocks_second_derivatives_against_finite_differences():
+    """``create_graph=True`` (gradient penalties, Hessian-vector products) through the blocks: their
+    gradients are themselves differentiable, checked against finite differences of the gradients."""
+    q, k, v = _qkv(2, 2, 3, 7, torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda *t: pam.position_attention_blocks(*t, rows=3), (q, k, v))
+
+
+def test_module_gradient_penalty_equals_official(monkeypatch):
+    """A WGAN-GP style penalty ``|d y / d x|^2`` backpropagated to the parameters, both paths, float64."""
+    monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 4 * 15)  # blocks of 4 queries, the last one of 3
+    x = torch.randn(2, 16, 3, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    results = {}
+    for path in ("official", "efficient"):
+        module = randomize_(PositionAttention(16, pam_path=path), seed=4).double()
+        xg = x.clone().requires_grad_(True)
+        dx, = torch.autograd.grad(module(xg).pow(2).sum(), xg, create_graph=True)
+        dx.pow(2).sum().backward()
+        results[path] = {name: p.grad for name, p in module.named_parameters()} | {"x": xg.grad}
+    for name in sorted(set(results["official"]) - {"key_conv.bias"}):
+        _check(f"penalty d/d{name}", results["efficient"][name], results["official"][name], torch.float64,
+               scope="grad")

@@ -23,7 +23,8 @@ it; :class:`~danet_torch.PositionAttention` takes ``pam_path=``:
     float16/bfloat16, energies, softmax statistics and the ``dQ`` sum are
     float32; the products with V and dO run in the input dtype. Under
     ``create_graph=True`` the backward is the official graph's instead, which
-    autograd records, so that it can be differentiated again.
+    autograd records, so that it can be differentiated again; under
+    ``torch.func`` transforms and forward-mode AD the forward pass is too.
   - CUDA, float16/bfloat16/float32: ``scaled_dot_product_attention(scale=1.0)``
     and its own backward: in half precision V is split into heads that
     share q and k (:func:`position_attention_kernel`: cuDNN's kernel takes
@@ -53,6 +54,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._checks import check_positive_int
@@ -244,6 +246,20 @@ def _official_vjp(q, k, v, dout, needs_grad):
     return tuple(next(grads) if needed else None for needed in needs_grad)
 
 
+def _transformed(*tensors) -> bool:
+    """True under ``torch.func`` transforms (vmap, grad, jacrev, jvp) or with forward-mode AD tangents.
+
+    The blocks' :class:`torch.autograd.Function` implements neither (its
+    backward writes into buffers, which vmap cannot batch and which have no
+    forward-mode derivative); the official graph, the same function, is
+    built from operators that have all three.
+    """
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # what Function.apply itself asks
+    if active is not None and active():
+        return True
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 class _PositionAttentionBlocks(torch.autograd.Function):
     """Blocks of queries; saves ``q, k, v, out`` and the per-row log-sum-exp only.
 
@@ -272,6 +288,9 @@ class _PositionAttentionBlocks(torch.autograd.Function):
 def position_attention_blocks(q, k, v, rows: int | None = None) -> torch.Tensor:
     """The official function over blocks of ``rows`` queries (keys in the backward pass).
 
+    Under ``torch.func`` transforms and forward-mode AD, the official
+    computation (:func:`_transformed`): it holds the ``N x N`` attention.
+
     Args:
         q, k: ``(B, C', N)``. v: ``(B, C, N)``.
         rows: Rows per block (default :func:`block_rows`).
@@ -279,6 +298,8 @@ def position_attention_blocks(q, k, v, rows: int | None = None) -> torch.Tensor:
     Returns:
         ``(B, C, N)``, a view of a ``(B, N, C)`` tensor.
     """
+    if _transformed(q, k, v):
+        return position_attention_official(q, k, v)
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if rows is None:

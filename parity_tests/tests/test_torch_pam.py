@@ -400,3 +400,36 @@ def test_module_gradient_penalty_equals_official(monkeypatch):
     for name in sorted(set(results["official"]) - {"key_conv.bias"}):
         _check(f"penalty d/d{name}", results["efficient"][name], results["official"][name], torch.float64,
                scope="grad")
+
+
+def test_torch_func_transforms_equal_official(monkeypatch):
+    """``torch.func`` (per-sample gradients with vmap + grad, jacrev, jvp) and forward-mode AD on the
+    efficient path equal the official path's autograd, float64."""
+    from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+    monkeypatch.setattr(pam, "BLOCK_ELEMENTS", 2 * 4 * 15)
+    g = torch.Generator().manual_seed(6)
+    x, tangent = (torch.randn(2, 16, 3, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    official, efficient = (randomize_(PositionAttention(16, pam_path=p), seed=4).double()
+                           for p in ("official", "efficient"))
+
+    def loss(params, xi):
+        return functional_call(efficient, params, (xi.unsqueeze(0),)).pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(dict(efficient.named_parameters()), x)
+    for i in range(2):
+        official.zero_grad()
+        official(x[i:i + 1]).pow(2).sum().backward()
+        for name, p in official.named_parameters():
+            if name != "key_conv.bias":
+                _check(f"vmap(grad) sample {i} d/d{name}", per_sample[name][i], p.grad, torch.float64, "grad")
+    _check("vmap output", vmap(efficient)(x.unsqueeze(1)).squeeze(1), official(x), torch.float64)
+    _check("jacrev", jacrev(efficient)(x[:1]), torch.autograd.functional.jacobian(official, x[:1]),
+           torch.float64, "grad")
+    _check("jvp", jvp(efficient, (x,), (tangent,))[1], jvp(official, (x,), (tangent,))[1], torch.float64, "grad")
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        dual = fwad.make_dual(x, tangent)
+        _check("forward AD", fwad.unpack_dual(efficient(dual)).tangent, fwad.unpack_dual(official(dual)).tangent,
+               torch.float64, "grad")

@@ -24,6 +24,16 @@ def conv_bn_relu(in_channels: int, out_channels: int, norm_layer: NormLayer) -> 
     )
 
 
+def _check_reduction(inter_channels: int, reduction: int, given: str, fix: str) -> None:
+    """Refuse ``inter_channels // reduction == 0`` (no query/key channels) in the words of the caller's
+    arguments: ``given`` says where ``inter_channels`` came from, ``fix`` what to change. PAM's own check
+    would name its ``in_channels``, a value the caller of DualAttention or DANetHead never passed."""
+    check_positive_int("reduction", reduction)
+    if inter_channels // reduction < 1:
+        raise ValueError(f"{given} too few for `reduction`={reduction} (PAM's query/key channels are "
+                         f"inter_channels // reduction): {fix} or `reduction` <= {inter_channels}.")
+
+
 class DualAttention(nn.Module):
     """DANet's attention trunk, usable on its own (for example in a U-Net).
 
@@ -55,7 +65,13 @@ class DualAttention(nn.Module):
             if inter_channels < 1:
                 raise ValueError(f"`in_channels` // 4 must be >= 1 (default inter_channels), got "
                                  f"in_channels={in_channels}; pass `inter_channels` explicitly.")
+            _check_reduction(inter_channels, reduction,
+                             f"`in_channels`={in_channels} gives the default `inter_channels` = in_channels // 4 = "
+                             f"{inter_channels},", f"use `in_channels` >= {4 * reduction}, or pass "
+                             f"`inter_channels` >= {reduction}")
         check_positive_int("inter_channels", inter_channels)
+        _check_reduction(inter_channels, reduction, f"`inter_channels`={inter_channels} is",
+                         f"pass `inter_channels` >= {reduction}")
         self.in_channels, self.out_channels, self.inter_channels = in_channels, out_channels, inter_channels
         self.reduction = reduction
         self.conv5a = conv_bn_relu(in_channels, inter_channels, norm_layer)
@@ -98,6 +114,8 @@ class DANetHead(DualAttention):
         check_positive_int("in_channels", in_channels, minimum=4)
         check_positive_int("num_classes", num_classes)
         inter = in_channels // 4
+        _check_reduction(inter, reduction, f"DANetHead: `in_channels`={in_channels} gives inter_channels = "
+                         f"in_channels // 4 = {inter},", f"use `in_channels` >= {4 * reduction}")
         super().__init__(in_channels, out_channels=inter, inter_channels=inter, reduction=reduction,
                          norm_layer=norm_layer, pam_path=pam_path)
         self.num_classes, self.dropout = num_classes, float(dropout)

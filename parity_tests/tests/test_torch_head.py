@@ -74,11 +74,25 @@ def test_training_moves_gamma_off_zero():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(in_channels=2), r"`in_channels` // 4 must be >= 1.*in_channels=2"),
     (dict(in_channels=16, out_channels=0), r"`out_channels` must be an int >= 1, got 0"),
-    (dict(in_channels=16, inter_channels=4), r"`in_channels // reduction` must be >= 1.*in_channels=4, reduction=8"),
+    (dict(in_channels=16, inter_channels=4), r"^`inter_channels`=4 is too few for `reduction`=8 \(PAM's query/key "
+                                             r"channels are inter_channels // reduction\): pass `inter_channels` >= 8 "
+                                             r"or `reduction` <= 4\.$"),
+    (dict(in_channels=16), r"^`in_channels`=16 gives the default `inter_channels` = in_channels // 4 = 4, too few for "
+                           r"`reduction`=8 \(PAM's query/key channels are inter_channels // reduction\): use "
+                           r"`in_channels` >= 32, or pass `inter_channels` >= 8 or `reduction` <= 4\.$"),
+    (dict(in_channels=64, inter_channels=16, reduction=0), r"`reduction` must be an int >= 1, got 0"),
 ])
 def test_bad_dual_attention_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DualAttention(**kwargs)
+
+
+def test_head_too_few_channels_for_reduction_names_the_heads_argument():
+    with pytest.raises(ValueError, match=r"^DANetHead: `in_channels`=31 gives inter_channels = in_channels // 4 = 7, "
+                                         r"too few for `reduction`=8 \(PAM's query/key channels are inter_channels // "
+                                         r"reduction\): use `in_channels` >= 32 or `reduction` <= 7\.$"):
+        DANetHead(31, 3)
+    assert DANetHead(16, 3, reduction=4).sa.query_conv.out_channels == 1
 
 
 def test_head_rejects_wrong_channels():

@@ -89,6 +89,34 @@ def _pickle_globals(stream) -> list:
     return found
 
 
+def _is_zip_or_pickle(path) -> bool:
+    """Whether the file is a zip archive (torch's format) or starts a pickle (torch's legacy format, ``pickle.dump``).
+
+    torch's weights-only reader refuses any opcode it does not know, so a
+    text file or an image fails there as a pickle it would not run: that is
+    no pickle at all. A pickle of protocol 2 or later (every ``torch.save``)
+    starts with ``PROTO``; an older one must decode up to its ``STOP``.
+    """
+    import pickletools
+
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as fh:
+        if fh.read(1) == b"\x80":
+            return True
+        fh.seek(0)
+        try:
+            for _ in pickletools.genops(fh):
+                pass
+        except Exception:  # noqa: BLE001 - an opcode that is none, an argument that does not parse, the end
+            return False
+    return True
+
+
+def _not_torch(label: str) -> CorruptFileError:
+    return CorruptFileError(f"{label} is not a PyTorch file (neither a zip archive nor a pickle).")
+
+
 def _refusal(label: str, found: list) -> UnsafeFileError:
     modules = [g for g in found if g.startswith("torch.nn.modules.") or g.startswith("danet_torch.")]
     if modules:
@@ -122,9 +150,14 @@ def load_pth(path, label: str | None = None):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "Weights only load failed" in str(e):
-            raise _refusal(label, _globals_in(path)) from None
+            found = _globals_in(path)
+            if not found and not _is_zip_or_pickle(path):
+                raise _not_torch(label) from None
+            raise _refusal(label, found) from None
         raise CorruptFileError(f"{label} is not a readable PyTorch file (corrupt pickle).") from None
     except Exception as e:  # noqa: BLE001 - on bytes that are no checkpoint the unpickler fails in many ways
+        if not _is_zip_or_pickle(path):
+            raise _not_torch(label) from None
         raise CorruptFileError(f"{label} is truncated or corrupt, or not a PyTorch file: "
                                f"{_PRINTABLE.sub('', one_line(e))}") from None
 

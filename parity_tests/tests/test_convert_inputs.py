@@ -128,7 +128,7 @@ def test_a_text_file_named_pth_is_refused_as_corrupt(tmp_path, capsys):
     src.write_text("epoch 6, not a checkpoint\n" * 4)
     code, _ = _convert(tmp_path, src)
     err = capsys.readouterr().err
-    assert code == 2 and f"{str(src)!r} is truncated or corrupt, or not a PyTorch file" in err, err
+    assert code == 2 and f"{str(src)!r} is not a PyTorch file (neither a zip archive nor a pickle)" in err, err
     assert "unexpected" not in err and _nothing_written(tmp_path)
 
 

@@ -102,16 +102,26 @@ def test_npz_with_object_arrays_is_refused_without_unpickling(tmp_path, capsys):
     assert not dst.exists() and not list(tmp_path.glob(".out.pth.tmp-*"))
 
 
-@pytest.mark.parametrize("ext, words", [(".npz", "is not a NumPy .npz archive (not a zip file)"),
-                                        (".keras", "is not a Keras .keras archive (not a zip file)")])
-def test_a_file_that_is_no_zip_is_named_so(ext, words, tmp_path, capsys):
-    """A text file named like a zip format: said to be no zip archive (not "pickled", not "not found")."""
+@pytest.mark.parametrize("ext, words, text", [
+    (".npz", "is not a NumPy .npz archive (not a zip file)", "hello\n"),
+    (".keras", "is not a Keras .keras archive (not a zip file)", "hello\n"),
+    (".pth", "is not a PyTorch file (neither a zip archive nor a pickle)", "hello\n"),
+    (".pth", "is not a PyTorch file (neither a zip archive nor a pickle)", "garbage\n"),
+    (".pth", "is not a PyTorch file (neither a zip archive nor a pickle)", "\x89PNG\r\n\x1a\n" + "\0" * 64)])
+def test_a_file_that_is_no_zip_is_named_so(ext, words, text, tmp_path, capsys):
+    """A text file named like a zip format: said to be no zip archive (not "pickled", not "not found").
+
+    A ``.pth`` that is no pickle either (text, an image) was refused as if its
+    pickle would run code: torch's weights-only reader refuses any opcode it
+    does not know, and "garbage" starts with pickle's ``GET``.
+    """
+    pytest.importorskip("torch" if ext == ".pth" else "numpy")
     if ext == ".keras":
         pytest.importorskip("keras")
     src = tmp_path / f"t{ext}"
-    src.write_text("hello\n")
+    src.write_bytes(text.encode("latin-1"))
     assert cli.main([str(src), str(tmp_path / "out.safetensors")]) == 2
     err = capsys.readouterr().err
     assert f"{str(src)!r} {words}" in err, err
-    assert "pickle" not in err and "not found" not in err
+    assert "pickled" not in err and "would import" not in err and "not found" not in err
     assert [p.name for p in tmp_path.iterdir()] == [src.name]

@@ -242,7 +242,8 @@ def _convert(parser, args) -> int:
         print(f"danet-convert: {what}; {done}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - never let a crash read as exit 1 ("verify above tolerance")
-        print(f"danet-convert: error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
+        done = f"; DST {args.dst!r} written, verification did not finish" if written else ""
+        print(f"danet-convert: error: unexpected {type(e).__name__}: {e}{done}", file=sys.stderr)
         return 2
 
 

@@ -366,6 +366,23 @@ def test_interrupt_during_verify_says_dst_was_written(tmp_path, head_pth, capsys
     _same({k: v.numpy() for k, v in sd.items()}, wc.load(tmp_path / "dst.npz").weights)
 
 
+def test_a_crash_during_verify_says_dst_was_written(tmp_path, head_pth, capsys, monkeypatch):
+    """A crash while verifying said only "unexpected EOFError: ...": the DST was in place, and the next run
+    (the same command) was refused because it existed."""
+    from weights_convert import cli
+
+    def crashed(*args):
+        raise EOFError("marshal data too short")
+
+    src, sd = head_pth
+    monkeypatch.setattr(cli, "_verify", crashed)
+    assert main([str(src), str(tmp_path / "dst.npz"), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert "unexpected EOFError: marshal data too short" in err, err
+    assert f"DST {str(tmp_path / 'dst.npz')!r} written, verification did not finish" in err, err
+    _same({k: v.numpy() for k, v in sd.items()}, wc.load(tmp_path / "dst.npz").weights)
+
+
 def test_same_file_refused(head_pth, capsys):
     src, _ = head_pth
     before = src.read_bytes()

@@ -113,3 +113,34 @@ def test_bad_model_arguments(kwargs, match):
 def test_model_rejects_non_rgb_input():
     with pytest.raises(ValueError, match=r"DANet: `x` has 1 channels .* in_channels=3"):
         DANet(3, backbone="resnet50")(torch.zeros(1, 1, 16, 16))
+
+
+def test_the_readmes_pytorch_example_runs_the_checkpoint_in_eval_mode(tmp_path, monkeypatch):
+    """README's PyTorch block, run as written on a stand-in for the released checkpoint (its input 65 x 65, not 769).
+
+    It called the loaded model in training mode: BatchNorm normalised with the
+    batch's statistics and overwrote the checkpoint's running ones, dropout
+    was on. Its outputs must be the eval-mode model's, its statistics the file's.
+    """
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md is not beside the installed package (installed without the source tree)")
+    example = readme.read_text().split("PyTorch:\n\n```python\n", 1)[1].split("```", 1)[0]
+    sd = randomize_(DANet(19), seed=1).state_dict()
+    torch.save({"epoch": 240, "state_dict": sd}, tmp_path / "danet101.pth")
+    monkeypatch.chdir(tmp_path)
+    x = torch.randn(1, 3, 65, 65, generator=torch.Generator().manual_seed(0))
+    scope = {"x": x}
+    assert "torch.randn(1, 3, 769, 769)" in example
+    exec(example.replace("torch.randn(1, 3, 769, 769)", "x"), scope)
+    reference = DANet(19)
+    reference.load_state_dict(sd)
+    with torch.no_grad():
+        expected = reference.eval()(x)
+    for name, got, want in zip(("fused", "pam", "cam"), (scope["fused"], scope["pam"], scope["cam"]), expected):
+        c = compare(f"README {name}", to_numpy(got), to_numpy(want), tolerance("float32", "model"))
+        assert c.passed, c
+    state = scope["model"].state_dict()
+    assert all(torch.equal(state[k], v) for k, v in sd.items()), "the example changed the checkpoint's statistics"

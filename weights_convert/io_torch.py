@@ -64,15 +64,15 @@ def _beyond_allowed(found: list) -> list:
 
 
 def _pickle_globals(stream) -> list:
-    """``module.name`` of every ``GLOBAL``/``STACK_GLOBAL`` in the pickle on ``stream`` (:mod:`pickletools`, which
-    only decodes). ``STACK_GLOBAL`` takes the last two strings pushed; memoised ones are looked up."""
+    """``module.name`` of every ``GLOBAL``/``INST``/``STACK_GLOBAL`` in the pickle on ``stream`` (:mod:`pickletools`,
+    which only decodes). ``STACK_GLOBAL`` takes the last two strings pushed; memoised ones are looked up."""
     import pickletools
 
     found, strings, memo = [], [], {}
     top = None  # the string the previous opcode pushed, if it pushed one
     for op, arg, _ in pickletools.genops(stream):
         pushed = None
-        if op.name == "GLOBAL":
+        if op.name in ("GLOBAL", "INST"):  # INST (protocol 0): import a class and call it
             found.append(arg.replace(" ", "."))
         elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
             found.append(f"{strings[-2]}.{strings[-1]}")

@@ -57,6 +57,15 @@ def test_a_plain_pickle_with_code_is_refused_naming_its_imports(writer, tmp_path
     assert not marker.exists()
 
 
+def test_a_protocol_0_inst_pickle_is_refused_naming_its_import(tmp_path):
+    """``INST`` (protocol 0, written by hand: Python 3 no longer emits it) imports and calls in one opcode."""
+    path = tmp_path / "inst.pth"
+    path.write_bytes(b"(S'true'\nios\nsystem\n.")
+    with pytest.raises(wc.UnsafeFileError) as info:
+        wc.load(path)
+    assert "(it imports os.system)" in str(info.value) and "Nothing was executed" in str(info.value), str(info.value)
+
+
 def test_a_pickled_module_in_torchs_legacy_format_is_named_so(tmp_path):
     import danet_torch as dt
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import zipfile
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -23,7 +24,7 @@ from parity_tests import reference as ref  # noqa: E402
 from parity_tests.keras_grad import keras_loss_and_grads  # noqa: E402
 from parity_tests.tests.helpers import (  # noqa: E402
     check, nchw, nhwc, pam_state_dict, set_torch_weights, subnormal_products)
-from weights_convert.tolerances import tolerance  # noqa: E402
+from weights_convert.tolerances import compare, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.keras
 BACKEND = keras.backend.backend()
@@ -144,6 +145,41 @@ def test_half_precision_energies_are_float32_on_both_paths(path, dtype, rng):
     assert keras.backend.standardize_dtype(got.dtype) == dtype
     check(f"{path} {dtype}, energies over hundreds", keras.ops.convert_to_numpy(keras.ops.cast(got, "float32")),
           expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_efficient_path_half_precision_keys_far_from_zero(dtype, rng):
+    """Keys near 2, their spread 0.07 (a key conv whose bias outweighs its kernel): the blocks' backward took
+    dQ = dS K, each row of dS summing to 0 only up to rounding, and that rounding times the keys' mean put
+    the query conv's gradients outside the tolerance, where the official path is inside it. Every gradient
+    of a ``mixed_{dtype}`` layer against torch's float64 official path."""
+    import torch
+
+    from danet_torch import PositionAttention
+    from weights_convert.testing import randomize_
+
+    reference = PositionAttention(8, pam_path="official").double()
+    randomize_(reference, seed=0)
+    with torch.no_grad():
+        reference.key_conv.weight.mul_(0.1)
+        reference.key_conv.bias.fill_(2.0)
+    x = np.maximum(rng.standard_normal((2, 8, 9, 11)), 0.0)
+    x = x.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16).astype(np.float64)
+    weight = rng.standard_normal(x.shape)
+    layer = dk.PositionAttention(pam_path="efficient", dtype=f"mixed_{dtype}")
+    layer.build(nhwc(x).shape)
+    set_torch_weights(layer, {k: v.numpy() for k, v in reference.state_dict().items()})
+    _, dx, grads = keras_loss_and_grads(layer, nhwc(x).astype(dtype), [nhwc(weight)])
+    x64 = torch.from_numpy(x).requires_grad_(True)
+    (reference(x64) * torch.from_numpy(weight)).sum().backward()
+    check(f"PAM mixed_{dtype} d/dx", nchw(dx), x64.grad.numpy(), dtype, "grad")
+    for name in ("query_conv", "key_conv", "value_conv"):
+        conv, expected = getattr(layer, name), getattr(reference, name)
+        scale = max(float(expected.weight.grad.abs().max()), float(expected.bias.grad.abs().max()))
+        for got, want in ((grads[id(conv.kernel)].transpose(3, 2, 0, 1), expected.weight.grad),
+                          (grads[id(conv.bias)], expected.bias.grad)):
+            result = compare(f"PAM mixed_{dtype} d/d {name}", got, want.numpy(), tolerance(dtype, "grad"), scale)
+            assert result.passed, result.message()
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

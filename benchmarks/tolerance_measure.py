@@ -8,7 +8,11 @@ weights (``weights_convert.testing.randomize_``) at the suite's sizes:
   PAM, CAM, DualAttention and DANetHead at 9x11 and 1x1, DANet-50 outputs at
   33x33 and 65x65 (gradients at 33x33, in float64);
 * torch float32 and Keras float32 against the float64 NumPy reference, for the
-  attention layers at 7x9 and 45x45 (the largest layer-scope size the suite uses).
+  attention layers at 7x9 and 45x45 (the largest layer-scope size the suite uses);
+* float16 and bfloat16 (torch autocast, Keras' mixed policy) against float64,
+  outputs, as ``danet-parity --dtype float16/bfloat16`` compares them, for
+  PAM, CAM, DualAttention and DANetHead at 9x11 and DANet-50 at 65x65 (the
+  components' default sizes, batch 2, as the command runs them).
 
 Each comparison gives the element-wise max |diff| and max relative error, the
 normwise error ``||a - b|| / ||b||`` and the headroom under the table in
@@ -39,6 +43,8 @@ PARITY = [("pam", (9, 11), 2, True), ("cam", (9, 11), 2, True), ("dual_attention
           ("danet50", (33, 33), 1, True), ("danet50", (65, 65), 1, False)]
 REFERENCE = [("pam", (7, 9)), ("cam", (7, 9)), ("head", (7, 9)), ("pam", (45, 45)), ("cam", (45, 45)),
              ("dual_attention", (45, 45))]
+HALF = [("pam", (9, 11), 2), ("cam", (9, 11), 2), ("dual_attention", (9, 11), 2), ("head", (9, 11), 2),
+        ("danet50", (65, 65), 2)]
 
 
 def _measure(seeds, device="cpu") -> list:
@@ -67,6 +73,17 @@ def _measure(seeds, device="cpu") -> list:
                             f"{r.check}", "component": component, "size": list(size), "seed": seed, "name": r.output,
                             "max_abs": r.max_abs, "max_rel": r.max_rel, "normwise": r.normwise,
                             "headroom": r.headroom})
+        for dtype in ("float16", "bfloat16"):
+            for component, size, batch in HALF:
+                result = check_component(component, size=size, batch=batch, seed=seed, dtype=dtype, gradients=False,
+                                         float64=False, device=device, trace_on_failure=False, raise_errors=True)
+                for r in result.rows:  # "fused (torch)": that framework's half-precision run against float64
+                    name, who = r.output.rsplit(" ", 1)
+                    scope = harness.COMPONENTS[component][0].info.scope
+                    out.append({"backend": backend, "dtype": dtype, "scope": scope,
+                                "what": f"{who.strip('()')} {dtype} vs float64 reference", "component": component,
+                                "size": list(size), "seed": seed, "name": name, "max_abs": r.max_abs,
+                                "max_rel": r.max_rel, "normwise": r.normwise, "headroom": r.headroom})
         for component, size in REFERENCE:
             spec, _ = harness.component_spec(component)
             with harness.exact_numerics():

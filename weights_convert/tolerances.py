@@ -9,8 +9,8 @@ Scopes:
     ``layer``: one attention layer (PAM, CAM, DualAttention, DANetHead).
     ``model``: a whole DANet (a deep backbone accumulates rounding).
     ``grad``: gradients of a scalar loss, relative to the tensor's largest
-    magnitude (a parameter's: the largest of its layer's gradients). Float32 gradients of a whole DANet in training mode are
-    ill-conditioned: torch float32 against torch float64 differs by 1.9 on an
+    magnitude (a parameter's: the largest of its layer's gradients). Float32
+    gradients of a whole DANet in training mode are ill-conditioned: torch float32 against torch float64 differs by 1.9 on an
     input gradient of magnitude 218 (0.9%), measured at 65x65 with random
     weights. So the suite proves DANet's gradients in float64 (both
     frameworks, tight) and the attention layers' gradients in float32 too.
@@ -28,6 +28,16 @@ the float64 reference, in torch and Keras alike (an atol of 1e-4 passed
 only for some seeds). The table states what float32 can give at the sizes
 compared, and the tests use random, non-zero-gamma inputs at such sizes.
 
+Half precision (float16/bfloat16, each framework against float64): ``layer``
+is element-wise; ``model`` is relative to the tensor, as gradients are: a
+deep network's rounding grows with its activations, not with each output,
+and an output near zero carries the rounding of the large terms that cancel
+in it. A random-weight DANet-50 in bfloat16 at 65x65 is 4% off normwise in
+both frameworks, and element-wise up to 1.4 off where ``|expected|`` is
+small (headroom 2.5 under the element-wise rule it had before). The
+``grad`` entries serve the tests (``danet-parity --dtype float16`` compares
+gradients in float32) and are not measured.
+
 What each entry is measured to need (:data:`MEASURED`, printed beside the
 table): the worst, over every Keras backend, seed and component, of the
 headroom ``max |a - b| / (atol + rtol * scale)`` (PASS iff <= 1), of the
@@ -37,8 +47,8 @@ than 10x above what is reached (worst headroom below 0.1) is to be
 tightened. None is, in float32: ``layer`` serves both Keras against torch
 (CAM at 9x11) and either framework against the float64 reference, where
 float32 CAM at 45x45 reaches max |diff| 2.0e-4 (headroom 1.48 under the
-earlier atol of 1e-4, hence 3e-4); ``model`` reaches 0.71 and ``grad`` 0.41. The float64 entries are 2500x or more above what the
-parity comparisons reach, but they also bound float64 against the
+earlier atol of 1e-4, hence 3e-4); ``model`` reaches 0.53 and ``grad`` 0.19. The float64 entries are 1400x or more
+above what the parity comparisons reach, but they also bound float64 against the
 reference for inputs up to 100 (the hostile-input tests) and DANet-101
 at 97x129, which this measurement does not cover.
 """
@@ -81,10 +91,10 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("float32", "model"): Tolerance(atol=1e-4, rtol=1e-3),
     ("float32", "grad"): Tolerance(atol=1e-4, rtol=1e-4, relative_to="tensor"),
     ("float16", "layer"): Tolerance(atol=2e-2, rtol=2e-2),
-    ("float16", "model"): Tolerance(atol=1e-1, rtol=5e-2),
+    ("float16", "model"): Tolerance(atol=1e-1, rtol=5e-2, relative_to="tensor"),
     ("float16", "grad"): Tolerance(atol=1e-2, rtol=2e-2, relative_to="tensor"),
     ("bfloat16", "layer"): Tolerance(atol=1e-1, rtol=5e-2),
-    ("bfloat16", "model"): Tolerance(atol=3e-1, rtol=1e-1),
+    ("bfloat16", "model"): Tolerance(atol=3e-1, rtol=1.5e-1, relative_to="tensor"),
     ("bfloat16", "grad"): Tolerance(atol=5e-2, rtol=1e-1, relative_to="tensor"),
 }
 
@@ -100,17 +110,21 @@ class Measured:
 
 
 MEASURED_BY = ("`python benchmarks/tolerance_measure.py --seeds 0 1 2` on CPU (x86_64, 2 cores; torch 2.13.0, "
-               "Keras 3.15.1 on TensorFlow 2.21.0, JAX 0.10.2 and torch), 2026-11-26")
+               "Keras 3.15.1 on TensorFlow 2.21.0, JAX 0.10.2 and torch), 2026-11-27")
 # (dtype, scope) -> the worst over every backend, seed and component (normwise: besides PAM's key-conv bias
-# gradient, zero in exact arithmetic). Half precision is not measured by that command.
+# gradient, zero in exact arithmetic). Half precision: outputs only (its `grad` entries are not measured).
 MEASURED: dict[tuple[str, str], Measured] = {
-    ("float64", "layer"): Measured(2.1e-4, 5.2e-14, 2.9e-14, "DANet-50 BatchNorm statistics after one step, 33x33"),
-    ("float64", "model"): Measured(9.6e-5, 8.7e-15, 2.1e-13, "DANet-50 outputs, 65x65"),
-    ("float64", "grad"): Measured(3.9e-4, 3.6e-13, 1.2e-9, "DANet-50 parameter gradients, 33x33"),
-    ("float32", "layer"): Measured(0.55, 1.05e-5, 2.0e-4, "CAM at 45x45 against the float64 reference, torch and "
+    ("float64", "layer"): Measured(1.5e-4, 3.3e-14, 2.0e-14, "CAM outputs, 9x11; DANet-50 BatchNorm statistics, 33x33"),
+    ("float64", "model"): Measured(3.2e-4, 2.5e-14, 5.0e-13, "DANet-50 outputs, 65x65"),
+    ("float64", "grad"): Measured(7.2e-4, 7.1e-13, 1.3e-9, "DANet-50 parameter gradients, 33x33"),
+    ("float32", "layer"): Measured(0.55, 9.5e-6, 2.0e-4, "CAM at 45x45 against the float64 reference, torch and "
                                    "Keras alike"),
-    ("float32", "model"): Measured(0.71, 7.3e-6, 1.5e-4, "DANet-50 outputs, 33x33 and 65x65"),
-    ("float32", "grad"): Measured(0.41, 7.9e-5, 2.8e-4, "DANetHead and DualAttention gradients, 9x11"),
+    ("float32", "model"): Measured(0.53, 6.7e-6, 1.6e-4, "DANet-50 outputs, 65x65"),
+    ("float32", "grad"): Measured(0.19, 4.5e-5, 1.7e-4, "DualAttention gradients, 9x11"),
+    ("float16", "layer"): Measured(0.35, 2.1e-3, 1.4e-2, "DualAttention and PAM against float64, 9x11"),
+    ("float16", "model"): Measured(0.28, 6.5e-3, 1.9e-1, "DANet-50 against float64, 65x65"),
+    ("bfloat16", "layer"): Measured(0.70, 9.4e-3, 7.1e-2, "CAM against float64 (Keras), 9x11"),
+    ("bfloat16", "model"): Measured(0.69, 5.5e-2, 1.4, "DANet-50 against float64, 65x65"),
 }
 
 

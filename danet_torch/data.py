@@ -87,7 +87,10 @@ def scan_folder(root, notes: list | None = None) -> list:
         if names:
             note = f"{len(names)} {what} in `{folder}` {why}, left out: {', '.join(names[:5])}" + (
                 f" and {len(names) - 5} more" if len(names) > 5 else "")
-            notes.append(note) if notes is not None else warnings.warn(note, UserWarning, stacklevel=2)
+            if notes is None:
+                warnings.warn(note, UserWarning, stacklevel=2)
+            else:
+                notes.append(note)
     return [Sample(s, str(images[s]), str(masks[s])) for s in sorted(images)]
 
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from weights_convert import backbone
 from weights_convert.atomic import check_output, write_files
 from weights_convert.cli import add_arch_options, arch_options
 
 __all__ = ["main", "build_parser", "load_image", "grid_points", "compute_maps", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+IMAGENET_MEAN, IMAGENET_STD = np.array(backbone.IMAGENET_MEAN), np.array(backbone.IMAGENET_STD)
 MAX_POINTS = 64
 
 
@@ -85,8 +85,6 @@ def load_image(path, normalize: bool = True, channels: int = 3) -> tuple[np.ndar
     ``normalize``: ImageNet's mean and std, their average for grey, repeated
     beyond 3 channels); float ``.npy`` arrays are the model input as they are.
     """
-    from danet_torch.data import IMAGE_MODES, default_normalization
-
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"IMAGE {str(path)!r} does not exist or is not a file.")
@@ -113,17 +111,17 @@ def load_image(path, normalize: bool = True, channels: int = 3) -> tuple[np.ndar
         except ImportError:
             raise UsageError("reading PNG/JPEG needs Pillow: pip install 'danet[viz]'") from None
         try:
-            if channels not in IMAGE_MODES:
+            if channels not in backbone.IMAGE_MODES:
                 raise UsageError(f"IMAGE {str(path)!r}: a PNG/JPEG gives 1 (grey), 3 (RGB) or 4 (RGBA) channels, "
                                  f"the model takes {channels}: give a (H, W, {channels}) .npy array.")
             with Image.open(path) as img:
-                pixels = np.asarray(img.convert(IMAGE_MODES[channels]), dtype=np.float64) / 255.0
+                pixels = np.asarray(img.convert(backbone.IMAGE_MODES[channels]), dtype=np.float64) / 255.0
             pixels = pixels.reshape(*pixels.shape[:2], -1)  # grey: (H, W, 1)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise UsageError(f"IMAGE {str(path)!r} is not a readable image (PNG/JPEG or .npy): {e}") from None
     model_input = pixels
     if normalize and pixels.shape[-1] == channels:
-        mean, std = (np.asarray(v) for v in default_normalization(channels))
+        mean, std = (np.asarray(v) for v in backbone.default_normalization(channels))
         model_input = (pixels - mean) / std
     return _squeeze(pixels), model_input.astype(np.float32)
 

@@ -10,9 +10,9 @@ Scopes:
     ``model``: a whole DANet (a deep backbone accumulates rounding).
     ``grad``: gradients of a scalar loss, relative to the tensor's largest
     magnitude (a parameter's: the largest of its layer's gradients). Float32
-    gradients of a whole DANet in training mode are ill-conditioned: torch float32 against torch float64 differs by 1.9 on an
-    input gradient of magnitude 218 (0.9%), measured at 65x65 with random
-    weights. So the suite proves DANet's gradients in float64 (both
+    gradients of a whole DANet in training mode are ill-conditioned: torch
+    float32 against torch float64 differs by 1.9 on an input gradient of
+    magnitude 218 (0.9%), measured at 65x65 with random weights. So the suite proves DANet's gradients in float64 (both
     frameworks, tight) and the attention layers' gradients in float32 too.
     Gradients that are zero in exact arithmetic are rounding noise at the
     scale of the terms that cancel in them: PAM's key-conv bias cannot
